@@ -1,0 +1,229 @@
+"""Losses of the ExEM CycleGAN (published defaults).
+
+All volumes are ``(B, 1, Z, Y, X)`` float tensors with intensities normalised to [0, 1]; domain A is light
+microscopy (ExM, "LM"), domain B electron microscopy ("EM"). Discriminator outputs are lists of score maps,
+one per scale (see :class:`exem.models.MultiScaleDiscriminator3D`).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "IntensityGroupContentLoss",
+    "content_decay",
+    "cycle_loss",
+    "discriminator_loss",
+    "identity_loss",
+    "lsgan_loss",
+]
+
+
+def _as_score_list(scores: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    # A bare tensor is one scale; iterating it would silently split the batch dimension.
+    out = [scores] if isinstance(scores, Tensor) else list(scores)
+    if not out:
+        raise ValueError("expected at least one score map, got an empty sequence")
+    return out
+
+
+def lsgan_loss(scores: Sequence[Tensor], target: float) -> Tensor:
+    """Least-squares GAN loss summed over scales: ``Σ_s mean((scores[s] − target)²)``.
+
+    Args:
+        scores: one score map per discriminator scale, any shapes (a bare tensor counts as one scale).
+        target: the label the scores should reach (1 for real, 0 for fake).
+
+    Returns:
+        a scalar tensor.
+    """
+    return sum(torch.mean((s - target) ** 2) for s in _as_score_list(scores))  # type: ignore[return-value]
+
+
+def discriminator_loss(real_scores: Sequence[Tensor], fake_scores: Sequence[Tensor]) -> Tensor:
+    """Discriminator LSGAN loss ``½·(lsgan(real, 1) + lsgan(fake, 0))``; scores are lists over scales.
+
+    Returns:
+        a scalar tensor.
+    """
+    return 0.5 * (lsgan_loss(real_scores, 1.0) + lsgan_loss(fake_scores, 0.0))
+
+
+def cycle_loss(recovered: Tensor, original: Tensor) -> Tensor:
+    """Cycle-consistency loss: mean absolute difference of ``(B, 1, Z, Y, X)`` volumes (normalised units).
+
+    Returns:
+        a scalar tensor.
+    """
+    return torch.mean(torch.abs(recovered - original))
+
+
+def identity_loss(same: Tensor, original: Tensor) -> Tensor:
+    """Identity loss, e.g. ``G_AB(b) ≈ b``: mean absolute difference of ``(B, 1, Z, Y, X)`` volumes.
+
+    Returns:
+        a scalar tensor.
+    """
+    return torch.mean(torch.abs(same - original))
+
+
+def content_decay(step: int | Tensor, decay_steps: float) -> float | Tensor:
+    """Weight multiplier of the content loss: ``2 ** (−step / decay_steps)`` (halves every ``decay_steps``).
+
+    Args:
+        step: the training batch counter (a Python int or a tensor).
+        decay_steps: half-life in steps, > 0.
+
+    Returns:
+        a float for an int ``step``, a tensor for a tensor ``step``.
+    """
+    if not decay_steps > 0 or not math.isfinite(decay_steps):
+        raise ValueError(f"content_decay: decay_steps must be a finite number > 0, got {decay_steps!r}")
+    return 2.0 ** (-step / decay_steps)
+
+
+def _sigmoid_step(x: Tensor, threshold: float, slope: float) -> Tensor:
+    """Soft step ``sigmoid(slope · (x − threshold))``: ≈ 1 above the threshold, ≈ 0 below."""
+    return torch.sigmoid(slope * (x - threshold))
+
+
+def intensity_groups(x: Tensor, thresholds: Sequence[float], slope: float) -> list[Tensor]:
+    """Soft intensity groups of a ``(B, 1, Z, Y, X)`` volume in normalised units, in the published order.
+
+    With ``s(x, t) = sigmoid(slope · (x − t))``:
+
+    - one threshold ``t``: ``[bright = s(x, t), dark = 1 − s(x, t)]`` (the published LM groups);
+    - two thresholds ``t1 < t2``: ``[mid = s(x, t1) − s(x, t2), dark = 1 − s(x, t1), bright = s(x, t2)]``
+      (the published EM groups).
+
+    Each group is a tensor shaped like ``x`` with values in [0, 1]; the groups of a voxel sum to 1.
+    """
+    if len(thresholds) == 1:
+        bright = _sigmoid_step(x, thresholds[0], slope)
+        return [bright, 1.0 - bright]
+    if len(thresholds) == 2:
+        above_low = _sigmoid_step(x, thresholds[0], slope)
+        above_high = _sigmoid_step(x, thresholds[1], slope)
+        return [above_low - above_high, 1.0 - above_low, above_high]
+    raise ValueError(f"intensity_groups supports 1 or 2 thresholds, got {len(thresholds)}")
+
+
+def _validate_thresholds(name: str, thresholds: Sequence[float]) -> tuple[float, ...]:
+    if isinstance(thresholds, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of 1 or 2 floats in [0, 1], got {thresholds!r}")
+    ts = tuple(float(t) for t in thresholds)
+    if len(ts) not in (1, 2):
+        raise ValueError(f"{name} must hold 1 or 2 thresholds (2 or 3 intensity groups), got {len(ts)}")
+    if not all(0.0 <= t <= 1.0 for t in ts):
+        raise ValueError(f"{name} must lie in [0, 1] (normalised intensities), got {ts}")
+    if any(b <= a for a, b in zip(ts[:-1], ts[1:], strict=True)):
+        raise ValueError(f"{name} must be strictly increasing, got {ts}")
+    return ts
+
+
+def _index(name: str, value: int, n: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        i = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: group indices must be ints, got {value!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"{name}: group index {i} out of range 0..{n - 1}")
+    return i
+
+
+class IntensityGroupContentLoss(nn.Module):
+    """Intensity-group content loss of the published ExEM code.
+
+    Soft groups of intensities (see :func:`intensity_groups`) of each real volume must be covered by the
+    mapped groups of its translation: LM group ``i`` of ``real_a`` by the sum of the EM groups
+    ``lm_to_em[i]`` of ``fake_b``; EM group ``j`` of ``real_b`` by the LM group ``em_to_lm[j]`` of
+    ``fake_a``. With ``L1(x, y) = mean|x − y|``::
+
+        L = 2 / (n_lm + n_em) · [Σ_i L1(a_i, (Σ_{k ∈ lm_to_em[i]} fb_k) · a_i)
+                                + Σ_j L1(b_j, fa_{em_to_lm[j]} · b_j)]
+
+    At the defaults this is the published
+    ``2/5·[L1(a1, fb1·a1) + L1(a2, (fb2+fb3)·a2) + L1(b1, fa1·b1) + L1(b2, fa2·b2) + L1(b3, fa2·b3)]``:
+    bright LM ↔ mid-grey EM, dark LM ↔ dark or bright EM.
+
+    Args:
+        lm_thresholds: 1 or 2 increasing thresholds in normalised LM intensity (groups: see
+            :func:`intensity_groups`).
+        em_thresholds: 1 or 2 increasing thresholds in normalised EM intensity.
+        slope: steepness ``k`` of the soft steps, per unit of normalised intensity, > 0.
+        lm_to_em: for each LM group, the non-empty list of EM group indices that must cover it.
+        em_to_lm: for each EM group, the LM group index that must cover it.
+    """
+
+    def __init__(
+        self,
+        lm_thresholds: Sequence[float] = (110 / 255,),
+        em_thresholds: Sequence[float] = (120 / 255, 160 / 255),
+        slope: float = 100.0,
+        lm_to_em: Sequence[Sequence[int]] = ((0,), (1, 2)),
+        em_to_lm: Sequence[int] = (0, 1, 1),
+    ) -> None:
+        super().__init__()
+        self.lm_thresholds = _validate_thresholds("lm_thresholds", lm_thresholds)
+        self.em_thresholds = _validate_thresholds("em_thresholds", em_thresholds)
+        slope = float(slope)
+        if not slope > 0 or not math.isfinite(slope):
+            raise ValueError(f"slope must be a finite number > 0, got {slope!r}")
+        self.slope = slope
+        n_lm, n_em = len(self.lm_thresholds) + 1, len(self.em_thresholds) + 1
+
+        if isinstance(lm_to_em, (str, bytes)) or len(lm_to_em) != n_lm:
+            raise ValueError(f"lm_to_em needs one entry per LM group ({n_lm}), got {lm_to_em!r}")
+        mapping: list[tuple[int, ...]] = []
+        for i, targets in enumerate(lm_to_em):
+            if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence) or len(targets) == 0:
+                raise ValueError(
+                    f"lm_to_em[{i}] must be a non-empty list of EM group indices, got {targets!r}"
+                )
+            mapping.append(tuple(_index(f"lm_to_em[{i}]", k, n_em) for k in targets))
+        self.lm_to_em: tuple[tuple[int, ...], ...] = tuple(mapping)
+
+        if isinstance(em_to_lm, (str, bytes)) or len(em_to_lm) != n_em:
+            raise ValueError(f"em_to_lm needs one entry per EM group ({n_em}), got {em_to_lm!r}")
+        self.em_to_lm: tuple[int, ...] = tuple(
+            _index(f"em_to_lm[{j}]", k, n_lm) for j, k in enumerate(em_to_lm)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"lm_thresholds={self.lm_thresholds}, em_thresholds={self.em_thresholds}, slope={self.slope}, "
+            f"lm_to_em={self.lm_to_em}, em_to_lm={self.em_to_lm}"
+        )
+
+    def forward(self, real_a: Tensor, fake_b: Tensor, real_b: Tensor, fake_a: Tensor) -> Tensor:
+        """Content loss of one batch.
+
+        Args:
+            real_a: ``(B, 1, Z, Y, X)`` real LM volume, normalised to [0, 1].
+            fake_b: ``G_AB(real_a)``, same shape, EM units.
+            real_b: ``(B, 1, Z, Y, X)`` real EM volume, normalised to [0, 1] (its shape may
+                differ from real_a's).
+            fake_a: ``G_BA(real_b)``, same shape as ``real_b``, LM units.
+
+        Returns:
+            a scalar tensor.
+        """
+        a = intensity_groups(real_a, self.lm_thresholds, self.slope)
+        fb = intensity_groups(fake_b, self.em_thresholds, self.slope)
+        b = intensity_groups(real_b, self.em_thresholds, self.slope)
+        fa = intensity_groups(fake_a, self.lm_thresholds, self.slope)
+
+        terms: list[Tensor] = []
+        for i, targets in enumerate(self.lm_to_em):
+            cover = sum(fb[k] for k in targets)
+            terms.append(torch.mean(torch.abs(a[i] - cover * a[i])))
+        for j, k in enumerate(self.em_to_lm):
+            terms.append(torch.mean(torch.abs(b[j] - fa[k] * b[j])))
+        return (2.0 / len(terms)) * torch.stack(terms).sum()

@@ -1,0 +1,217 @@
+"""Anisotropic 3D U-Net generator of the published ExEM CycleGAN.
+
+The network sees volumes as ``(B, C, Z, Y, X)`` tensors. Pooling and upsampling act on Y and X only (factor 2
+per level); Z is never pooled, so any Z >= 1 works (Z = 1 is 2D-as-3D). At the default widths
+``(32, 64, 128, 256, 512)`` the state dict has exactly the keys and shapes of a generator written by the
+original ExEM code, so its ``G_AB_<iter>.pth`` files load with ``load_state_dict``.
+
+Variant of the residual symmetric U-Net of Lee et al., "Superhuman accuracy on the SNEMI3D connectomics
+challenge" (arXiv:1706.00120, 2017).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["AnisotropicUNet3D", "ResidualTripleConv3D", "group_count"]
+
+# GroupNorm group counts used by the published code; it raised for any other width.
+_PUBLISHED_GROUPS: dict[int, int] = {1: 1, 2: 1, 4: 1, 8: 1, 16: 4, 32: 8, 64: 8, 128: 16, 256: 32, 512: 32}
+# Rule for widths outside the published table: aim for at least this many channels per group ...
+_MIN_CHANNELS_PER_GROUP = 8
+# ... and never more than this many groups.
+_MAX_GROUPS = 32
+
+
+def group_count(width: int) -> int:
+    """Number of GroupNorm groups for a layer of ``width`` channels.
+
+    Widths of the published lookup keep its values (1, 2, 4, 8 → 1; 16 → 4; 32, 64 → 8; 128 → 16;
+    256, 512 → 32). Any other positive width gets the largest divisor of ``width`` that is at most
+    ``min(32, max(1, width // 8))`` — about 8 or more channels per group, at most 32 groups. The result always
+    divides ``width``, so this never raises for a valid width.
+
+    Args:
+        width: number of channels, a positive int.
+
+    Returns:
+        the number of groups, a positive divisor of ``width``.
+    """
+    width = operator.index(width)
+    if width < 1:
+        raise ValueError(f"group_count: width must be a positive int, got {width}")
+    if width in _PUBLISHED_GROUPS:
+        return _PUBLISHED_GROUPS[width]
+    cap = min(_MAX_GROUPS, max(1, width // _MIN_CHANNELS_PER_GROUP))
+    return next(g for g in range(cap, 0, -1) if width % g == 0)
+
+
+def _group_norm(width: int) -> nn.GroupNorm:
+    return nn.GroupNorm(group_count(width), width)
+
+
+class ResidualTripleConv3D(nn.Module):
+    """Residual block: an in-plane conv, then two 3×3×3 convs, each followed by GroupNorm and ELU.
+
+    ``a = ELU(GN(conv1(x)))`` with conv1 of kernel (1, 3, 3); ``b = ELU(GN(conv3(ELU(GN(conv2(a))))))`` with
+    conv2, conv3 of kernel 3; the output is ``a + b``. Convolutions have no bias (GroupNorm follows).
+    Shapes: ``(B, in_channels, Z, Y, X) -> (B, out_channels, Z, Y, X)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(
+            in_channels, out_channels, kernel_size=(1, 3, 3), padding=(0, 1, 1), bias=False
+        )
+        self.groupnorm1 = _group_norm(out_channels)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.groupnorm2 = _group_norm(out_channels)
+        self.conv3 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.groupnorm3 = _group_norm(out_channels)
+        # In place is safe: neither GroupNorm nor the next conv needs the overwritten tensor for backward.
+        self.elu = nn.ELU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_channels, Z, Y, X) -> (B, out_channels, Z, Y, X)``."""
+        a = self.elu(self.groupnorm1(self.conv1(x)))
+        b = self.elu(self.groupnorm2(self.conv2(a)))
+        b = self.elu(self.groupnorm3(self.conv3(b)))
+        return a + b
+
+
+def _validate_widths(widths: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
+        raise ValueError(f"widths must be a sequence of positive ints, got {widths!r}")
+    out = []
+    for w in widths:
+        if isinstance(w, bool):
+            raise ValueError(f"widths must be a sequence of positive ints, got {tuple(widths)!r}")
+        try:
+            w = operator.index(w)
+        except TypeError:
+            raise ValueError(f"widths must be a sequence of positive ints, got {tuple(widths)!r}") from None
+        if w < 1:
+            raise ValueError(f"widths must be a sequence of positive ints, got {tuple(widths)!r}")
+        out.append(w)
+    if len(out) < 2:
+        raise ValueError(f"widths needs at least 2 levels (encoder + one pooled level), got {tuple(out)!r}")
+    return tuple(out)
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class AnisotropicUNet3D(nn.Module):
+    """Anisotropic residual 3D U-Net (the published ExEM generator).
+
+    Layers (N = ``len(widths)`` levels):
+
+    - ``first_conv``: conv (1, 5, 5), padding (0, 2, 2), with bias, ``in_channels -> widths[0]``, then ELU;
+    - ``tripleconv1..N``: :class:`ResidualTripleConv3D` encoder blocks (``widths[i-1] -> widths[i]``), with
+      MaxPool3d (1, 2, 2) between consecutive levels;
+    - ``tripleconv_up1..N-1``: decoder blocks, ``up1`` the deepest: trilinear upsampling ×(1, 2, 2)
+      (``align_corners=True``), concatenation ``[upsampled, skip]`` along channels, then a block from
+      ``deep + skip`` channels down to the skip's width;
+    - ``final_conv``: conv (1, 5, 5), padding (0, 2, 2), with bias, ``widths[0] -> widths[0]``, then ELU;
+    - ``one_by_one_conv``: 1×1×1 conv with bias to ``out_channels``; the output is linear (no activation).
+
+    Args:
+        in_channels: channels of the input volume.
+        out_channels: channels of the output volume.
+        widths: channels per level, shallow to deep; at least 2 levels.
+
+    Attributes:
+        widths: the widths as a tuple.
+        divisor: ``2 ** (len(widths) - 1)``; Y and X of the input must be multiples of it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        widths: Sequence[int] = (32, 64, 128, 256, 512),
+    ) -> None:
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.widths: tuple[int, ...] = _validate_widths(widths)
+        self.levels = len(self.widths)
+        self.divisor = 2 ** (self.levels - 1)
+
+        w = self.widths
+        self.first_conv = nn.Conv3d(
+            self.in_channels, w[0], kernel_size=(1, 5, 5), padding=(0, 2, 2), bias=True
+        )
+        # Registered in the published order: first_conv, tripleconv1..N, tripleconv_up1..N-1, final_conv, 1x1.
+        for i in range(self.levels):
+            setattr(self, f"tripleconv{i + 1}", ResidualTripleConv3D(w[max(i - 1, 0)], w[i]))
+        for j in range(1, self.levels):
+            deep, skip = w[self.levels - j], w[self.levels - j - 1]
+            setattr(self, f"tripleconv_up{j}", ResidualTripleConv3D(deep + skip, skip))
+        self.final_conv = nn.Conv3d(w[0], w[0], kernel_size=(1, 5, 5), padding=(0, 2, 2), bias=True)
+        self.one_by_one_conv = nn.Conv3d(w[0], self.out_channels, kernel_size=1, bias=True)
+
+        self.downsample = nn.MaxPool3d(kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.elu = nn.ELU(inplace=True)
+
+    def check_input_shape(self, shape: Sequence[int]) -> None:
+        """Raise ``ValueError`` unless the last two entries (Y, X) of ``shape`` are multiples of ``divisor``.
+
+        ``shape`` may be a full ``(B, C, Z, Y, X)`` shape or a patch shape ``(Z, Y, X)``.
+        """
+        y, x = int(shape[-2]), int(shape[-1])
+        if y % self.divisor or x % self.divisor or y < 1 or x < 1:
+            d = self.divisor
+            raise ValueError(
+                f"patch Y×X = {y}×{x} is not divisible by {d} (2^(levels-1) for widths {self.widths}); "
+                f"use a multiple of {d}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Translate a batch of volumes.
+
+        Args:
+            x: ``(B, in_channels, Z, Y, X)`` float tensor, intensities normalised to [0, 1]; Y and X multiples
+                of :attr:`divisor`, any Z >= 1.
+
+        Returns:
+            ``(B, out_channels, Z, Y, X)`` float tensor (linear output, same units as the training targets).
+        """
+        if x.dim() != 5:
+            raise ValueError(
+                f"AnisotropicUNet3D expects a (B, C, Z, Y, X) tensor, got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"AnisotropicUNet3D expects {self.in_channels} input channel(s), got {x.shape[1]}"
+            )
+        self.check_input_shape(x.shape)
+
+        x = self.elu(self.first_conv(x))
+        skips: list[Tensor] = []
+        for i in range(1, self.levels + 1):
+            if i > 1:
+                x = self.downsample(x)
+            x = getattr(self, f"tripleconv{i}")(x)
+            skips.append(x)
+        skips.pop()  # the deepest level's output is x itself
+        for j in range(1, self.levels):
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-3:], mode="trilinear", align_corners=True)
+            x = getattr(self, f"tripleconv_up{j}")(torch.cat([x, skip], dim=1))
+        x = self.elu(self.final_conv(x))
+        return self.one_by_one_conv(x)
