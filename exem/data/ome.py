@@ -1,0 +1,132 @@
+"""Minimal OME-Zarr (NGFF 0.4) reading and writing: the only place that knows the multiscale metadata layout.
+
+We write NGFF 0.4 (zarr format 2), the version that napari-ome-zarr, neuroglancer and Fiji all open; we read
+0.4 (``.zattrs["multiscales"]``) and 0.5 (zarr format 3, ``attributes["ome"]["multiscales"]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+log = logging.getLogger(__name__)
+
+AXES = [
+    {"name": "z", "type": "space", "unit": "nanometer"},
+    {"name": "y", "type": "space", "unit": "nanometer"},
+    {"name": "x", "type": "space", "unit": "nanometer"},
+]
+
+
+def multiscales_metadata(
+    voxel_size_nm: Sequence[float], factors: Sequence[Sequence[int]], name: str = "image"
+) -> dict:
+    """NGFF 0.4 ``multiscales`` entry for levels ``"0", "1", ...``.
+
+    ``factors[i]`` is the cumulative downsampling factor (z, y, x) of level i relative to level 0.
+    """
+    datasets = []
+    for i, f in enumerate(factors):
+        scale = [float(v) * int(k) for v, k in zip(voxel_size_nm, f, strict=True)]
+        datasets.append({"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+    return {"version": "0.4", "name": name, "axes": copy.deepcopy(AXES), "datasets": datasets}
+
+
+def create_ome_zarr(
+    path: str | Path,
+    shape: Sequence[int],
+    dtype: np.dtype | str,
+    voxel_size_nm: Sequence[float],
+    *,
+    chunks: Sequence[int],
+    factors: Sequence[Sequence[int]] = ((1, 1, 1),),
+    name: str = "image",
+    overwrite: bool = False,
+    attributes: dict | None = None,
+) -> zarr.Group:
+    """Create an empty OME-Zarr group with one array per level (level i is ``shape // factors[i]``, rounded up).
+
+    Returns the group; arrays are ``group["0"]``, ``group["1"]``, ...
+    """
+    group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=2)
+    for i, f in enumerate(factors):
+        lshape = tuple(-(-int(s) // int(k)) for s, k in zip(shape, f, strict=True))
+        lchunks = tuple(min(int(c), s) for c, s in zip(chunks, lshape, strict=True))
+        group.create_array(str(i), shape=lshape, chunks=lchunks, dtype=dtype, fill_value=0)
+    attrs = {"multiscales": [multiscales_metadata(voxel_size_nm, factors, name)]}
+    if attributes:
+        attrs.update(attributes)
+    group.attrs.update(attrs)
+    return group
+
+
+def write_ome_zarr(
+    path: str | Path,
+    array: np.ndarray,
+    voxel_size_nm: Sequence[float],
+    *,
+    chunks: Sequence[int] = (32, 128, 128),
+    levels: int = 2,
+    name: str = "image",
+    overwrite: bool = False,
+    attributes: dict | None = None,
+) -> Path:
+    """Write a whole in-memory ``(Z, Y, X)`` array as an OME-Zarr pyramid (in-plane 2x mean downsampling per level).
+
+    Levels beyond the first halve Y and X only (ExM/EM volumes are anisotropic: Z is already coarse).
+    """
+    if array.ndim != 3:
+        raise ValueError(f"write_ome_zarr expects a 3D (Z, Y, X) array, got shape {array.shape}")
+    factors = [(1, 2**i, 2**i) for i in range(levels)]
+    group = create_ome_zarr(
+        path, array.shape, array.dtype, voxel_size_nm, chunks=chunks, factors=factors, name=name,
+        overwrite=overwrite, attributes=attributes,
+    )
+    level = array
+    for i in range(levels):
+        group[str(i)][...] = level
+        level = downsample_inplane(level)
+    log.info("wrote %s %s %s", path, array.shape, array.dtype)
+    return Path(path)
+
+
+def downsample_inplane(array: np.ndarray) -> np.ndarray:
+    """2x mean downsampling in Y and X of a ``(Z, Y, X)`` array (odd edges are padded by edge replication)."""
+    z, y, x = array.shape
+    pad = ((0, 0), (0, y % 2), (0, x % 2))
+    a = np.pad(array, pad, mode="edge") if (y % 2 or x % 2) else array
+    a = a.reshape(z, a.shape[1] // 2, 2, a.shape[2] // 2, 2).astype(np.float64).mean(axis=(2, 4))
+    if np.issubdtype(array.dtype, np.integer):
+        a = np.round(a)
+    return a.astype(array.dtype)
+
+
+def read_multiscales(group: zarr.Group) -> dict | None:
+    """The first ``multiscales`` entry of an OME-Zarr group (NGFF 0.4 or 0.5), or None if it is not OME-Zarr."""
+    attrs = dict(group.attrs)
+    if "ome" in attrs and isinstance(attrs["ome"], dict):
+        attrs = attrs["ome"]
+    ms = attrs.get("multiscales")
+    if not ms:
+        return None
+    return ms[0]
+
+
+def level_scale(multiscales: dict, level: int) -> tuple[str, tuple[float, ...] | None]:
+    """(array path, voxel size of the spatial axes in the stored units) of one multiscale level."""
+    datasets = multiscales["datasets"]
+    if not 0 <= level < len(datasets):
+        raise ValueError(f"OME-Zarr has {len(datasets)} level(s); level {level} does not exist")
+    ds = datasets[level]
+    scale = None
+    for t in ds.get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = tuple(float(v) for v in t["scale"])
+    if scale is not None:
+        scale = scale[-3:]
+    return ds["path"], scale
