@@ -75,22 +75,31 @@ def write_ome_zarr(
     name: str = "image",
     overwrite: bool = False,
     attributes: dict | None = None,
+    labels: bool = False,
 ) -> Path:
-    """Write a whole in-memory ``(Z, Y, X)`` array as an OME-Zarr pyramid (in-plane 2x mean downsampling per level).
+    """Write a whole in-memory ``(Z, Y, X)`` array as an OME-Zarr pyramid.
 
-    Levels beyond the first halve Y and X only (ExM/EM volumes are anisotropic: Z is already coarse).
+    Levels beyond the first halve Y and X only (ExM/EM volumes are anisotropic: Z is already coarse): images by
+    2x2 mean, label volumes (``labels=True``) by nearest subsampling so that ids are never averaged.
     """
     if array.ndim != 3:
         raise ValueError(f"write_ome_zarr expects a 3D (Z, Y, X) array, got shape {array.shape}")
     factors = [(1, 2**i, 2**i) for i in range(levels)]
     group = create_ome_zarr(
-        path, array.shape, array.dtype, voxel_size_nm, chunks=chunks, factors=factors, name=name,
-        overwrite=overwrite, attributes=attributes,
+        path,
+        array.shape,
+        array.dtype,
+        voxel_size_nm,
+        chunks=chunks,
+        factors=factors,
+        name=name,
+        overwrite=overwrite,
+        attributes=attributes,
     )
     level = array
     for i in range(levels):
         group[str(i)][...] = level
-        level = downsample_inplane(level)
+        level = level[:, ::2, ::2] if labels else downsample_inplane(level)
     log.info("wrote %s %s %s", path, array.shape, array.dtype)
     return Path(path)
 

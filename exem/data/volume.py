@@ -129,10 +129,7 @@ class _Locator:
     key: str = ""
 
     def open(self) -> Any:
-        if self.kind == "tiff":
-            array = _open_tiff(self.path)
-        else:
-            array = zarr.open_array(self.path, path=self.key, mode="r")
+        array = _open_tiff(self.path) if self.kind == "tiff" else zarr.open_array(self.path, path=self.key, mode="r")
         return _squeeze(array)
 
 

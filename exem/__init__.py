@@ -1,0 +1,39 @@
+"""exem: expansion microscopy (ExM) to virtual electron microscopy (EM) with a 3D CycleGAN.
+
+Public API (imported lazily, so ``import exem`` stays fast)::
+
+    exem.AnisotropicUNet3D, exem.MultiScaleDiscriminator3D   # models
+    exem.ExEMModule, exem.ExEMDataModule                      # Lightning module and data
+    exem.open_volume, exem.PatchGrid                          # volumes and the patch grid
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "AnisotropicUNet3D": "exem.models",
+    "MultiScaleDiscriminator3D": "exem.models",
+    "ExEMModule": "exem.module",
+    "ExEMDataModule": "exem.data",
+    "open_volume": "exem.data",
+    "PatchGrid": "exem.data",
+    "train": "exem.train",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'exem' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

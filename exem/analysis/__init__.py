@@ -1,0 +1,1 @@
+"""Analysis of (virtual) EM volumes: image-quality metrics, later segmentation."""

@@ -1,0 +1,112 @@
+"""Command-line entry points (thin Hydra mains): ``exem-train``, ``exem-synth``.
+
+User errors (bad paths, bad data, bad config) end with one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+log = logging.getLogger("exem")
+
+
+def _conf_dir() -> str:
+    """The Hydra config folder: ``conf/`` of a source checkout, or ``exem/conf`` inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"exem's Hydra configs were not found next to {here}")
+
+
+def _wandb_offline() -> bool:
+    """wandb runs offline unless an API key is configured or WANDB_MODE=online."""
+    if os.environ.get("WANDB_MODE", "").lower() == "online":
+        return False
+    return not os.environ.get("WANDB_API_KEY")
+
+
+OmegaConf.register_new_resolver("exem_wandb_offline", _wandb_offline, replace=True)
+CONF_DIR = _conf_dir()
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, MissingMandatoryValue)
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The user-facing error inside ``exc`` (Hydra's InstantiationException wraps the constructor's), if any."""
+    seen: BaseException | None = exc
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        if isinstance(seen, USER_ERRORS):
+            return seen
+        visited.add(id(seen))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Turn user errors raised by a CLI body into ``<prog>: error: <message>`` on stderr and exit code 1."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - we re-raise what is not a user error
+                err = _user_error(exc)
+                if err is None:
+                    raise
+                msg = (
+                    " ".join(str(err).split())
+                    if not isinstance(err, MissingMandatoryValue)
+                    else (f"missing mandatory config value {err.full_key}")
+                )
+                print(f"{prog}: error: {msg}", file=sys.stderr)
+                log.debug("full traceback", exc_info=exc)
+                sys.exit(1)
+
+        return wrapper
+
+    return deco
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@one_line_errors("exem-train")
+def train_main(cfg: DictConfig) -> float | None:
+    """``exem-train``: train the ExM→EM CycleGAN; returns ``optimized_metric`` for Hydra sweepers."""
+    from exem.train import train
+
+    result = train(cfg)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(f"exem-train: done: {result.batch_step} batches ({result.global_step} optimizer steps)")
+        print(f"  run dir      {result.output_dir}")
+        print(f"  checkpoint   {result.last_checkpoint}")
+        print(f"  metrics CSV  {result.metrics_csv}")
+        if result.panels:
+            print(f"  image panel  {result.panels[-1]}  (real ExM | fake EM | recovered ExM; EM row below)")
+        shown = {k: v for k, v in sorted(result.metrics.items()) if k.startswith("val/")}
+        if shown:
+            print("  validation   " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    return result.metric
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="synth")
+@one_line_errors("exem-synth")
+def synth_main(cfg: DictConfig) -> None:
+    """``exem-synth``: write synthetic ExM/EM phantoms and labels as OME-Zarr."""
+    from exem.data.synthetic import write_synthetic_dataset
+
+    args = OmegaConf.to_container(cfg, resolve=True)
+    args.pop("hydra", None)
+    paths = write_synthetic_dataset(**args)
+    for name, path in paths.items():
+        print(f"{name:14s} {path}")

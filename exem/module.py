@@ -1,0 +1,327 @@
+"""ExEMModule: the ExM→EM CycleGAN as a LightningModule with manual optimization.
+
+Domains: A = light microscopy (ExM), B = electron microscopy. Generators G_AB (ExM→EM) and G_BA (EM→ExM) are
+:class:`~exem.models.AnisotropicUNet3D`; discriminators D_A and D_B are
+:class:`~exem.models.MultiScaleDiscriminator3D`. All tensors are ``(B, 1, Z, Y, X)`` float with intensities
+normalised to [0, 1].
+
+Each training batch does, in order: one generator step (both generators, one optimizer), one D_A step, one D_B
+step. Lightning's ``trainer.global_step`` therefore advances by 3 per batch; the content-loss decay is driven by
+:attr:`ExEMModule.batch_step`, a batch counter kept in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from exem.analysis.metrics import image_quality
+from exem.losses import (
+    IntensityGroupContentLoss,
+    content_decay,
+    cycle_loss,
+    discriminator_loss,
+    identity_loss,
+    lsgan_loss,
+)
+from exem.models import AnisotropicUNet3D, MultiScaleDiscriminator3D
+from exem.panels import save_panel, translation_panel
+
+log = logging.getLogger(__name__)
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+class ReplayBuffer(nn.Module):
+    """A pool of past generated patches shown to a discriminator (CycleGAN's image pool).
+
+    With probability ½ a new fake replaces a random stored one and the stored one is returned instead. Size 0
+    disables the pool (fakes pass through). The pool is a buffer, so it is saved in checkpoints.
+    """
+
+    def __init__(self, size: int = 0) -> None:
+        super().__init__()
+        if size < 0:
+            raise ValueError(f"replay buffer size must be >= 0, got {size}")
+        self.size = int(size)
+        self.register_buffer("images", torch.empty(0), persistent=True)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "images"
+        if key in state_dict:  # the stored pool may have a different shape than the empty placeholder
+            self.images = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def forward(self, fakes: Tensor) -> Tensor:
+        """Return a batch of the same shape as ``fakes`` (``(B, 1, Z, Y, X)``), partly drawn from the pool."""
+        if self.size == 0:
+            return fakes
+        fakes = fakes.detach()
+        if self.images.numel() == 0 or self.images.shape[1:] != fakes.shape[1:]:
+            self.images = fakes.new_zeros((self.size, *fakes.shape[1:]))
+            self.count.zero_()
+        out = []
+        for f in fakes:
+            n = int(self.count)
+            if n < self.size:
+                self.images[n] = f
+                self.count += 1
+                out.append(f)
+            elif torch.rand(()) < 0.5:
+                j = int(torch.randint(self.size, ()))
+                out.append(self.images[j].clone())
+                self.images[j] = f
+            else:
+                out.append(f)
+        return torch.stack(out)
+
+
+class ExEMModule(L.LightningModule):
+    """The ExEM 3D CycleGAN.
+
+    Args:
+        generator: keyword arguments of :class:`AnisotropicUNet3D` (both generators share them).
+        discriminator: keyword arguments of :class:`MultiScaleDiscriminator3D`.
+        loss: weights ``lambda_gan``, ``lambda_cycle``, ``lambda_identity``, ``lambda_content``, the decay
+            ``content_decay_steps`` (batches) and ``content`` (keyword arguments of
+            :class:`IntensityGroupContentLoss`).
+        optim: ``name`` (adam | adamw), ``lr``, ``betas``, ``weight_decay``, ``grad_clip`` (max gradient norm or
+            None), ``foreach``/``fused`` (optional, passed to the optimizer).
+        scheduler: None, or ``{"name": "cosine_warm_restarts", "T_0", "T_mult", "eta_min_fraction"}``, stepped
+            once per batch.
+        replay_buffer_size: size of each discriminator's replay pool (0 = off).
+        image_every_n_steps: write an image panel every N batches (0 = never).
+        image_dir: folder for the PNG panels (None = only the logger gets them).
+    """
+
+    def __init__(
+        self,
+        generator: Mapping[str, Any],
+        discriminator: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        replay_buffer_size: int = 0,
+        image_every_n_steps: int = 0,
+        image_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.G_AB = AnisotropicUNet3D(**generator)
+        self.G_BA = AnisotropicUNet3D(**generator)
+        self.D_A = MultiScaleDiscriminator3D(**discriminator)
+        self.D_B = MultiScaleDiscriminator3D(**discriminator)
+        self.content_loss = IntensityGroupContentLoss(**dict(loss.get("content", {})))
+        self.pool_A = ReplayBuffer(replay_buffer_size)
+        self.pool_B = ReplayBuffer(replay_buffer_size)
+        self.loss_cfg = dict(loss)
+        self.optim_cfg = dict(optim)
+        self.scheduler_cfg = dict(scheduler) if scheduler else None
+        self.image_every_n_steps = int(image_every_n_steps)
+        self.image_dir = Path(image_dir) if image_dir else None
+        self.batch_step = 0
+        if self.loss_cfg.get("content_decay_steps", 1) <= 0:
+            raise ValueError("loss.content_decay_steps must be > 0")
+
+    # ------------------------------------------------------------------ inference
+    def forward(self, a: Tensor) -> Tensor:
+        """Translate ExM ``(B, 1, Z, Y, X)`` in [0, 1] to virtual EM (same shape, unclipped)."""
+        return self.G_AB(a)
+
+    def predict_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        """Translate a batch: a tensor or a dict with key ``"A"``; returns fake EM ``(B, 1, Z, Y, X)``."""
+        a = batch["A"] if isinstance(batch, Mapping) else batch
+        return self.G_AB(a)
+
+    def check_patch(self, patch: Sequence[int]) -> None:
+        """Raise a one-line ValueError if a ``(Z, Y, X)`` patch does not fit the U-Net depth."""
+        d = self.G_AB.divisor
+        if patch[1] % d or patch[2] % d:
+            raise ValueError(
+                f"patch Y×X = {patch[1]}×{patch[2]} is not divisible by {d} (2^(levels-1) for generator widths "
+                f"{tuple(self.G_AB.widths)}); use multiples of {d}"
+            )
+
+    # ------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> tuple[list, list]:
+        cfg = self.optim_cfg
+        name = str(cfg.get("name", "adam")).lower()
+        if name not in _OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(_OPTIMIZERS)}")
+        kwargs: dict[str, Any] = {
+            "lr": float(cfg["lr"]),
+            "betas": tuple(cfg.get("betas", (0.9, 0.999))),
+            "weight_decay": float(cfg.get("weight_decay", 0.0)),
+        }
+        for flag in ("foreach", "fused"):
+            if cfg.get(flag) is not None:
+                kwargs[flag] = bool(cfg[flag])
+        opt_cls = _OPTIMIZERS[name]
+        opt_g = opt_cls(list(self.G_AB.parameters()) + list(self.G_BA.parameters()), **kwargs)
+        opt_da = opt_cls(self.D_A.parameters(), **kwargs)
+        opt_db = opt_cls(self.D_B.parameters(), **kwargs)
+        optimizers = [opt_g, opt_da, opt_db]
+        if not self.scheduler_cfg:
+            return optimizers, []
+        s = self.scheduler_cfg
+        if s.get("name") != "cosine_warm_restarts":
+            raise ValueError(f"unknown scheduler {s.get('name')!r}; use cosine_warm_restarts or null")
+        schedulers = [
+            {
+                "scheduler": torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+                    opt,
+                    T_0=int(s["T_0"]),
+                    T_mult=int(s.get("T_mult", 1)),
+                    eta_min=float(s.get("eta_min_fraction", 0.0)) * kwargs["lr"],
+                ),
+                "interval": "step",
+                "name": f"lr-{tag}",
+            }
+            for opt, tag in zip(optimizers, ("G", "D_A", "D_B"), strict=True)
+        ]
+        return optimizers, schedulers
+
+    # ------------------------------------------------------------------ training
+    def content_weight(self) -> float:
+        """λ_content · 2^(−batch_step / decay_steps)."""
+        lc = self.loss_cfg
+        return float(lc.get("lambda_content", 0.0)) * float(
+            content_decay(self.batch_step, float(lc.get("content_decay_steps", 1000)))
+        )
+
+    def generator_losses(self, real_a: Tensor, real_b: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """All generator loss terms for one batch, and the generated images ``fake_b, rec_a, fake_a, rec_b``."""
+        lc = self.loss_cfg
+        fake_b = self.G_AB(real_a)
+        rec_a = self.G_BA(fake_b)
+        fake_a = self.G_BA(real_b)
+        rec_b = self.G_AB(fake_a)
+        terms: dict[str, Tensor] = {
+            "adv_AB": lsgan_loss(self.D_B(fake_b), 1.0),
+            "adv_BA": lsgan_loss(self.D_A(fake_a), 1.0),
+            "cycle": cycle_loss(rec_a, real_a) + cycle_loss(rec_b, real_b),
+        }
+        total = float(lc.get("lambda_gan", 1.0)) * (terms["adv_AB"] + terms["adv_BA"])
+        total = total + float(lc.get("lambda_cycle", 10.0)) * terms["cycle"]
+        w_content = self.content_weight()
+        if float(lc.get("lambda_content", 0.0)) > 0:
+            terms["content"] = self.content_loss(real_a, fake_b, real_b, fake_a)
+            total = total + w_content * terms["content"]
+        if float(lc.get("lambda_identity", 0.0)) > 0:
+            terms["identity"] = identity_loss(self.G_AB(real_b), real_b) + identity_loss(
+                self.G_BA(real_a), real_a
+            )
+            total = total + float(lc["lambda_identity"]) * terms["identity"]
+        terms["total"] = total
+        images = {"fake_b": fake_b, "rec_a": rec_a, "fake_a": fake_a, "rec_b": rec_b}
+        return terms, images
+
+    def _step(self, opt: Any, loss: Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip = self.optim_cfg.get("grad_clip")
+        if clip:
+            self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+        opt.step()
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        real_a, real_b = batch["A"], batch["B"]
+        opt_g, opt_da, opt_db = self.optimizers()
+
+        with self.toggled_optimizer(opt_g):  # D parameters do not need weight gradients here
+            g_terms, images = self.generator_losses(real_a, real_b)
+            self._step(opt_g, g_terms["total"])
+
+        fake_a = self.pool_A(images["fake_a"].detach())
+        with self.toggled_optimizer(opt_da):
+            loss_da = discriminator_loss(self.D_A(real_a), self.D_A(fake_a))
+            self._step(opt_da, loss_da)
+
+        fake_b = self.pool_B(images["fake_b"].detach())
+        with self.toggled_optimizer(opt_db):
+            loss_db = discriminator_loss(self.D_B(real_b), self.D_B(fake_b))
+            self._step(opt_db, loss_db)
+
+        for sch in self.lr_schedulers() or []:
+            sch.step()
+
+        logs = {f"train/G_{k}": v.detach() for k, v in g_terms.items() if k != "total"}
+        logs["train/D_A"] = loss_da.detach()
+        logs["train/D_B"] = loss_db.detach()
+        logs["train/content_weight"] = self.content_weight()
+        logs["train/lr"] = opt_g.param_groups[0]["lr"]
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=real_a.shape[0])
+        self.log(
+            "train/G_total",
+            g_terms["total"].detach(),
+            prog_bar=True,
+            on_step=True,
+            batch_size=real_a.shape[0],
+        )
+
+        self.batch_step += 1
+        if self.image_every_n_steps and self.batch_step % self.image_every_n_steps == 0:
+            self.log_panel(real_a, real_b, images, tag="train")
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        real_a, real_b = batch["A"], batch["B"]
+        fake_b = self.G_AB(real_a)
+        rec_a = self.G_BA(fake_b)
+        fake_a = self.G_BA(real_b)
+        rec_b = self.G_AB(fake_a)
+        n = real_a.shape[0]
+        q_a = image_quality(rec_a.clamp(0, 1), real_a)
+        q_b = image_quality(rec_b.clamp(0, 1), real_b)
+        metrics = {
+            "val/cycle_psnr": (q_a["psnr"] + q_b["psnr"]) / 2,
+            "val/cycle_ssim": (q_a["ssim"] + q_b["ssim"]) / 2,
+            "val/cycle_l1": cycle_loss(rec_a, real_a) + cycle_loss(rec_b, real_b),
+        }
+        if "B_paired" in batch:
+            q = image_quality(fake_b.clamp(0, 1), batch["B_paired"])
+            metrics["val/paired_psnr"] = q["psnr"]
+            metrics["val/paired_ssim"] = q["ssim"]
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        if batch_idx == 0:
+            images = {"fake_b": fake_b, "rec_a": rec_a, "fake_a": fake_a, "rec_b": rec_b}
+            self.log_panel(real_a, real_b, images, tag="val")
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def log_panel(self, real_a: Tensor, real_b: Tensor, images: Mapping[str, Tensor], tag: str) -> None:
+        """Middle-Z slices (first sample) of real/fake/recovered in both directions, to PNG and to the logger."""
+        if self.trainer is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        panel = translation_panel(
+            [real_a, images["fake_b"], images["rec_a"]], [real_b, images["fake_a"], images["rec_b"]]
+        )
+        if self.image_dir is not None:
+            path = save_panel(panel, self.image_dir / f"{tag}_step{self.batch_step:07d}.png")
+            log.debug("wrote %s", path)
+        self._log_image_to_loggers(f"{tag}/panel", panel)
+
+    def _log_image_to_loggers(self, key: str, panel: np.ndarray) -> None:
+        for logger in self.loggers:
+            exp = getattr(logger, "experiment", None)
+            if hasattr(exp, "add_image"):  # TensorBoard
+                exp.add_image(key, panel, self.batch_step, dataformats="HWC")
+            elif hasattr(logger, "log_image"):  # wandb and friends
+                logger.log_image(key=key, images=[panel], step=self.global_step)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["exem_batch_step"] = self.batch_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.batch_step = int(checkpoint.get("exem_batch_step", 0))

@@ -1,0 +1,110 @@
+"""``train(cfg)``: compose data, model, logger, callbacks and Trainer from a Hydra config and fit."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A problem with the composed configuration, reported to the user in one line."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced."""
+
+    metric: float | None
+    metrics: dict[str, float]
+    output_dir: Path
+    last_checkpoint: Path | None
+    metrics_csv: Path | None
+    panels: list[Path] = field(default_factory=list)
+    global_step: int = 0
+    batch_step: int = 0
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming every mandatory (``???``) value that was not set."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        example = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(f"missing mandatory config value(s): {', '.join(missing)} (set them: {example})")
+
+
+def default_precision(accelerator: str | None) -> str:
+    """bf16-mixed on a CUDA GPU that supports it (unless the CPU is requested), else 32-true."""
+    if accelerator not in ("cpu",) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _instantiate_group(group: Mapping[str, Any] | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def _to_float(v: Any) -> float:
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Fit an :class:`~exem.module.ExEMModule` as configured; returns metrics and where the outputs are.
+
+    Raises ConfigError / ValueError (including ``exem.data.VolumeError``) with one-line messages for user errors.
+    """
+    check_missing(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("synthetic"):
+        from exem.data.synthetic import write_synthetic_dataset
+
+        syn = OmegaConf.to_container(cfg.synthetic, resolve=True)
+        write_synthetic_dataset(**syn)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    model.check_patch(list(cfg.data.patch_size))
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path {cfg.ckpt_path} does not exist")
+
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.get("precision") is None:
+        trainer_cfg["precision"] = default_precision(trainer_cfg.get("accelerator"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: _to_float(v) for k, v in trainer.callback_metrics.items()}
+    metric_name = cfg.get("optimized_metric")
+    metric = metrics.get(metric_name) if metric_name else None
+    if metric_name and metric is None:
+        log.warning("optimized_metric %s was not logged (metrics: %s)", metric_name, sorted(metrics))
+    out = Path(cfg.paths.output_dir)
+    last = out / "checkpoints" / "last.ckpt"
+    csv = next(iter(sorted(out.glob("csv/**/metrics.csv"))), None)
+    image_dir = Path(cfg.model.image_dir) if cfg.model.get("image_dir") else None
+    panels = sorted(image_dir.glob("*.png"), key=os.path.getmtime) if image_dir and image_dir.is_dir() else []
+    return TrainResult(
+        metric=metric,
+        metrics=metrics,
+        output_dir=out,
+        last_checkpoint=last if last.is_file() else None,
+        metrics_csv=csv,
+        panels=panels,
+        global_step=trainer.global_step,
+        batch_step=model.batch_step,
+    )

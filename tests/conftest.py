@@ -1,0 +1,48 @@
+"""Shared fixtures: environment for CLI subprocesses, tiny data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+# Small-but-real settings for `exem-train experiment=demo` in tests: 2 batches per epoch so validation runs.
+DEMO_FAST = [
+    "experiment=demo",
+    "synthetic.shape=[16,128,128]",
+    "data.samples_per_epoch=4",
+    "data.num_workers=0",
+    "data.persistent_workers=false",
+    "data.val_patches=2",
+    "trainer.max_steps=6",
+    "trainer.log_every_n_steps=1",
+    "model.image_every_n_steps=1",
+    "callbacks.progress_bar=null",
+]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    )
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_cli(prog: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run an installed exem console script; returns the completed process (stdout/stderr as text)."""
+    return subprocess.run(
+        [str(BIN / prog), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder shared by the CLI tests so the demo phantoms are generated once per session."""
+    return tmp_path_factory.mktemp("data")

@@ -1,0 +1,151 @@
+"""End-to-end tests through the real `exem-train` entry point (subprocesses)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tests.conftest import DEMO_FAST, run_cli
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    proc = run_cli(
+        "exem-train",
+        *DEMO_FAST,
+        f"paths.data_dir={synthetic_dir}",
+        f"hydra.run.dir={run_dir}",
+        cwd=run_dir.parent,
+    )
+    _ok(proc)
+    assert "checkpoint" in proc.stdout and "metrics CSV" in proc.stdout and "image panel" in proc.stdout
+    return run_dir
+
+
+def test_demo_writes_checkpoint_metrics_and_panels(demo_run: Path) -> None:
+    ckpt = demo_run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6  # 2 batches x 3 optimizer steps
+    assert state["exem_batch_step"] == 2
+    csv = demo_run / "csv" / "metrics.csv"
+    header = csv.read_text().splitlines()[0].split(",")
+    for col in (
+        "train/G_cycle",
+        "train/G_content",
+        "train/D_A",
+        "train/D_B",
+        "val/cycle_psnr",
+        "val/paired_ssim",
+    ):
+        assert col in header, header
+    pngs = sorted((demo_run / "images").glob("*.png"))
+    assert any(p.name.startswith("train_") for p in pngs) and any(p.name.startswith("val_") for p in pngs)
+
+
+def test_resume_continues_step_counter(demo_run: Path, synthetic_dir: Path, tmp_path: Path) -> None:
+    ckpt = demo_run / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "resumed"
+    proc = run_cli(
+        "exem-train",
+        *DEMO_FAST,
+        "trainer.max_steps=12",
+        f"ckpt_path={ckpt}",
+        f"paths.data_dir={synthetic_dir}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    _ok(proc)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 12
+    assert state["exem_batch_step"] == 4  # continued from 2, so the content decay continues too
+    assert len(state["optimizer_states"]) == 3
+    assert all(s["state"] for s in state["optimizer_states"])  # Adam moments restored and updated
+
+
+def test_multirun_two_jobs(synthetic_dir: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "exem-train",
+        "-m",
+        *DEMO_FAST,
+        "trainer.max_steps=3",
+        "model.optim.lr=0.001,0.002",
+        f"paths.data_dir={synthetic_dir}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    _ok(proc)
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_wandb_logger_offline(synthetic_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "exem-train",
+        *DEMO_FAST,
+        "trainer.max_steps=3",
+        "logger=wandb",
+        f"paths.data_dir={synthetic_dir}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    _ok(proc)
+    assert list((run_dir / "wandb").glob("offline-run-*")), list(run_dir.rglob("*"))[:20]
+
+
+def _write(path: Path, data: np.ndarray, zarr_format: int) -> None:
+    arr = zarr.create_array(
+        str(path), shape=data.shape, chunks=(8, 64, 64), dtype=data.dtype, zarr_format=zarr_format
+    )
+    arr[...] = data
+
+
+@pytest.mark.parametrize(("dtype", "zarr_format"), [(np.uint16, 3), (np.uint8, 2)])
+def test_train_on_user_zarr_arrays(tmp_path: Path, dtype: type, zarr_format: int) -> None:
+    rng = np.random.default_rng(0)
+    hi = np.iinfo(dtype).max
+    _write(tmp_path / "lm.zarr", rng.integers(0, hi, (16, 64, 160), dtype=dtype), zarr_format)
+    _write(tmp_path / "em.zarr", rng.integers(0, hi, (16, 96, 128), dtype=dtype), zarr_format)
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "exem-train",
+        "experiment=mouse_cortex",
+        f"data.lm.path={tmp_path / 'lm.zarr'}",
+        f"data.em.path={tmp_path / 'em.zarr'}",
+        "trainer=cpu",
+        "trainer.max_steps=2",
+        "model.generator.widths=[4,8,16,32,64]",
+        "model.discriminator.base_filters=4",
+        "data.patch_size=[8,64,64]",
+        "data.num_workers=0",
+        "data.persistent_workers=false",
+        "callbacks.progress_bar=null",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    _ok(proc)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["exem_batch_step"] == 1
+
+
+def test_mouse_cortex_without_paths_fails_in_one_line(tmp_path: Path) -> None:
+    proc = run_cli(
+        "exem-train", "experiment=mouse_cortex", "trainer=cpu", f"hydra.run.dir={tmp_path}", cwd=tmp_path
+    )
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "data.lm.path" in lines[0] and "data.em.path" in lines[0]
