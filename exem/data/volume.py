@@ -129,7 +129,11 @@ class _Locator:
     key: str = ""
 
     def open(self) -> Any:
-        array = _open_tiff(self.path) if self.kind == "tiff" else zarr.open_array(self.path, path=self.key, mode="r")
+        array = (
+            _open_tiff(self.path)
+            if self.kind == "tiff"
+            else zarr.open_array(self.path, path=self.key, mode="r")
+        )
         return _squeeze(array)
 
 
