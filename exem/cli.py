@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -53,6 +54,36 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _tidy_logging() -> None:
+    """One copy of each log line (Hydra's handler, not Lightning's own) and no advertising tips."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for handler in list(lg.handlers):
+            lg.removeHandler(handler)
+        lg.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda r: "Tip:" not in r.getMessage()
+    )
+    # exem checkpoints after all three optimizer steps of a batch on purpose; Lightning warns about that.
+    warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of a user error on one line.
+
+    Errors raised inside DataLoader workers come back with the worker's traceback in their message; only its
+    last line (``VolumeError: ...``) is kept.
+    """
+    if isinstance(err, MissingMandatoryValue):
+        return f"missing mandatory config value {err.full_key}"
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Turn user errors raised by a CLI body into ``<prog>: error: <message>`` on stderr and exit code 1."""
 
@@ -65,12 +96,7 @@ def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., A
                 err = _user_error(exc)
                 if err is None:
                     raise
-                msg = (
-                    " ".join(str(err).split())
-                    if not isinstance(err, MissingMandatoryValue)
-                    else (f"missing mandatory config value {err.full_key}")
-                )
-                print(f"{prog}: error: {msg}", file=sys.stderr)
+                print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
                 log.debug("full traceback", exc_info=exc)
                 sys.exit(1)
 
@@ -85,6 +111,7 @@ def train_main(cfg: DictConfig) -> float | None:
     """``exem-train``: train the ExM→EM CycleGAN; returns ``optimized_metric`` for Hydra sweepers."""
     from exem.train import train
 
+    _tidy_logging()
     result = train(cfg)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"exem-train: done: {result.batch_step} batches ({result.global_step} optimizer steps)")

@@ -37,7 +37,7 @@ class TrainResult:
 
 def check_missing(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming every mandatory (``???``) value that was not set."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
     if missing:
         example = " ".join(f"{k}=..." for k in missing)
         raise ConfigError(f"missing mandatory config value(s): {', '.join(missing)} (set them: {example})")

@@ -149,3 +149,16 @@ def test_mouse_cortex_without_paths_fails_in_one_line(tmp_path: Path) -> None:
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert "data.lm.path" in lines[0] and "data.em.path" in lines[0]
+
+
+def test_ddp_two_cpu_processes(synthetic_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "exem-train", *DEMO_FAST, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        f"paths.data_dir={synthetic_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    _ok(proc)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # 4 samples per epoch split over 2 ranks with batch 2: one batch per rank per epoch, 2 epochs for 6 steps
+    assert state["exem_batch_step"] == 2 and state["global_step"] == 6

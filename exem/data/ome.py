@@ -100,7 +100,7 @@ def write_ome_zarr(
     for i in range(levels):
         group[str(i)][...] = level
         level = level[:, ::2, ::2] if labels else downsample_inplane(level)
-    log.info("wrote %s %s %s", path, array.shape, array.dtype)
+    log.debug("wrote %s %s %s", path, array.shape, array.dtype)
     return Path(path)
 
 

@@ -410,6 +410,25 @@ def sample_voxels(
     return np.concatenate(parts)
 
 
+# Integer data whose sample spans less than this fraction of the dtype range get a warning (e.g. 12-bit
+# camera data in uint16 would be normalised to a dark sliver of [0, 1]).
+NARROW_RANGE_FRACTION = 0.125
+
+
+def _warn_if_narrow(array: Any, path: str, lo: float, hi: float) -> None:
+    sample = sample_voxels(array)
+    top = float(np.percentile(sample, 99.9)) if sample.size else hi
+    if top - lo < NARROW_RANGE_FRACTION * (hi - lo):
+        log.warning(
+            "%s: data use only %.1f%% of the %s range (99.9th percentile %g); normalised patches will be dark. "
+            "Consider percentiles: [0.5, 99.8] or an intensity_range for this volume",
+            path,
+            100 * (top - lo) / (hi - lo),
+            array.dtype,
+            top,
+        )
+
+
 def open_volume(
     source: str | Path | np.ndarray | zarr.Array,
     *,
@@ -502,6 +521,7 @@ def open_volume(
     elif not is_float:
         info = np.iinfo(dtype)
         lo, hi = float(info.min), float(info.max)
+        _warn_if_narrow(array, path, lo, hi)
     else:
         assert sample is not None
         smin, smax = float(sample.min()), float(sample.max())

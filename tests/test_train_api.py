@@ -1,0 +1,59 @@
+"""`exem.train` through Hydra's compose API (in-process): the returned sweep metric, mixed precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import exem
+from exem.cli import CONF_DIR
+from exem.train import ConfigError, train
+from tests.conftest import DEMO_FAST
+
+
+def _cfg(tmp_path: Path, data_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[*DEMO_FAST, f"paths.data_dir={data_dir}", *overrides],
+            return_hydra_config=True,
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.runtime.cwd = str(tmp_path)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_import_exem_default_generator_size() -> None:
+    g = exem.AnisotropicUNet3D()
+    assert sum(p.numel() for p in g.parameters()) == 27_517_441
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_train_returns_optimized_metric(tmp_path: Path, synthetic_dir: Path, precision: str) -> None:
+    cfg = _cfg(tmp_path, synthetic_dir, f"trainer.precision={precision}", "logger=csv")
+    result = train(cfg)
+    assert result.metric is not None and -1.0 <= result.metric <= 1.0  # val/paired_ssim
+    assert result.metric == result.metrics[cfg.optimized_metric]
+    assert result.batch_step == 2 and result.global_step == 6
+    assert result.last_checkpoint is not None and result.last_checkpoint.is_file()
+    assert result.metrics_csv is not None and result.panels
+
+
+def test_missing_mandatory_values_are_named(tmp_path: Path, synthetic_dir: Path) -> None:
+    cfg = _cfg(
+        tmp_path,
+        synthetic_dir,
+        "synthetic=null",
+        "data.em_paired=null",
+        "data.lm.path=???",
+        "data.em.path=???",
+    )
+    with pytest.raises(ConfigError, match=r"data\.em\.path, data\.lm\.path"):
+        train(cfg)
