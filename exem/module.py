@@ -130,6 +130,7 @@ class ExEMModule(L.LightningModule):
         self.image_every_n_steps = int(image_every_n_steps)
         self.image_dir = Path(image_dir) if image_dir else None
         self.batch_step = 0
+        self.voxel_size_nm: tuple[float, float, float] | None = None  # of the LM training data, (z, y, x) nm
         if self.loss_cfg.get("content_decay_steps", 1) <= 0:
             raise ValueError("loss.content_decay_steps must be > 0")
 
@@ -320,8 +321,17 @@ class ExEMModule(L.LightningModule):
                 logger.log_image(key=key, images=[panel], step=self.global_step)
 
     # ------------------------------------------------------------------ checkpoint state
+    def on_fit_start(self) -> None:
+        """Remember the voxel size the generator is trained at (first LM volume), for translation later."""
+        volumes = getattr(self.trainer.datamodule, "lm_volumes", None) if self.trainer else None
+        if volumes and volumes[0].voxel_size_nm is not None:
+            self.voxel_size_nm = tuple(float(v) for v in volumes[0].voxel_size_nm)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["exem_batch_step"] = self.batch_step
+        checkpoint["exem_voxel_size_nm"] = list(self.voxel_size_nm) if self.voxel_size_nm else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.batch_step = int(checkpoint.get("exem_batch_step", 0))
+        vs = checkpoint.get("exem_voxel_size_nm")
+        self.voxel_size_nm = tuple(float(v) for v in vs) if vs else None

@@ -39,6 +39,7 @@ def test_demo_writes_checkpoint_metrics_and_panels(demo_run: Path) -> None:
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 6  # 2 batches x 3 optimizer steps
     assert state["exem_batch_step"] == 2
+    assert state["exem_voxel_size_nm"] == [40.0, 10.0, 10.0]  # the synthetic data's voxel size
     csv = demo_run / "csv" / "metrics.csv"
     header = csv.read_text().splitlines()[0].split(",")
     for col in (
@@ -162,3 +163,19 @@ def test_ddp_two_cpu_processes(synthetic_dir: Path, tmp_path: Path) -> None:
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # 4 samples per epoch split over 2 ranks with batch 2: one batch per rank per epoch, 2 epochs for 6 steps
     assert state["exem_batch_step"] == 2 and state["global_step"] == 6
+
+
+def test_optuna_sweep_optimises_returned_metric(synthetic_dir: Path, tmp_path: Path) -> None:
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "exem-train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1", *DEMO_FAST,
+        f"paths.data_dir={synthetic_dir}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    _ok(proc)
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["name"] == "optuna"
+    assert -1.0 <= float(results["best_value"]) <= 1.0  # val/cycle_ssim returned by train()
+    assert set(results["best_params"]) == {"model.optim.lr", "model.loss.lambda_cycle", "model.loss.lambda_content"}
