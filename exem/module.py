@@ -131,6 +131,9 @@ class ExEMModule(L.LightningModule):
         self.image_dir = Path(image_dir) if image_dir else None
         self.batch_step = 0
         self.voxel_size_nm: tuple[float, float, float] | None = None  # of the LM training data, (z, y, x) nm
+        # How LM (ExM) input was normalised in training ({"intensity_range": [lo, hi] | None, "percentiles": ...});
+        # translation applies the same rule so the generator sees the intensities it was trained on.
+        self.lm_normalization: dict[str, list[float] | None] | None = None
         if self.loss_cfg.get("content_decay_steps", 1) <= 0:
             raise ValueError("loss.content_decay_steps must be > 0")
 
@@ -322,16 +325,25 @@ class ExEMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def on_fit_start(self) -> None:
-        """Remember the voxel size the generator is trained at (first LM volume), for translation later."""
-        volumes = getattr(self.trainer.datamodule, "lm_volumes", None) if self.trainer else None
+        """Remember the LM voxel size and normalisation the generator is trained with, for translation later."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self.trainer else None
+        volumes = getattr(datamodule, "lm_volumes", None)
         if volumes and volumes[0].voxel_size_nm is not None:
             self.voxel_size_nm = tuple(float(v) for v in volumes[0].voxel_size_nm)
+        lm_cfg = getattr(datamodule, "lm_cfg", None)
+        if lm_cfg is not None:
+            self.lm_normalization = {
+                key: (None if lm_cfg.get(key) is None else [float(v) for v in lm_cfg.get(key)])
+                for key in ("intensity_range", "percentiles")
+            }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["exem_batch_step"] = self.batch_step
         checkpoint["exem_voxel_size_nm"] = list(self.voxel_size_nm) if self.voxel_size_nm else None
+        checkpoint["exem_lm_normalization"] = self.lm_normalization
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.batch_step = int(checkpoint.get("exem_batch_step", 0))
         vs = checkpoint.get("exem_voxel_size_nm")
         self.voxel_size_nm = tuple(float(v) for v in vs) if vs else None
+        self.lm_normalization = checkpoint.get("exem_lm_normalization")

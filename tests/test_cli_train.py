@@ -40,6 +40,7 @@ def test_demo_writes_checkpoint_metrics_and_panels(demo_run: Path) -> None:
     assert state["global_step"] == 6  # 2 batches x 3 optimizer steps
     assert state["exem_batch_step"] == 2
     assert state["exem_voxel_size_nm"] == [40.0, 10.0, 10.0]  # the synthetic data's voxel size
+    assert state["exem_lm_normalization"] == {"intensity_range": None, "percentiles": [0.5, 99.8]}
     csv = demo_run / "csv" / "metrics.csv"
     header = csv.read_text().splitlines()[0].split(",")
     for col in (
