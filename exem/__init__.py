@@ -5,6 +5,8 @@ Public API (imported lazily, so ``import exem`` stays fast)::
     exem.AnisotropicUNet3D, exem.MultiScaleDiscriminator3D   # models
     exem.ExEMModule, exem.ExEMDataModule                      # Lightning module and data
     exem.open_volume, exem.PatchGrid                          # volumes and the patch grid
+    exem.load_generator, exem.export_generator                # generators from checkpoints / exports / .pth
+    exem.translate_volume                                     # whole-volume ExM → virtual EM
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ _LAZY = {
     "open_volume": "exem.data",
     "PatchGrid": "exem.data",
     "train": "exem.train",
+    "translate_volume": "exem.inference",
+    "load_generator": "exem.checkpoints",
+    "export_generator": "exem.checkpoints",
 }
 
 __all__ = [*_LAZY, "__version__"]

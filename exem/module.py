@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
+def _plain(value: Any) -> Any:
+    """OmegaConf containers → plain dicts/lists (other values unchanged)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 class ReplayBuffer(nn.Module):
     """A pool of past generated patches shown to a discriminator (CycleGAN's image pool).
 
@@ -115,6 +124,11 @@ class ExEMModule(L.LightningModule):
         image_dir: str | None = None,
     ) -> None:
         super().__init__()
+        # Plain containers only, so checkpoints load with torch.load(weights_only=True) (save_hyperparameters
+        # reads these locals).
+        generator, discriminator, loss, optim, scheduler = (
+            _plain(v) for v in (generator, discriminator, loss, optim, scheduler)
+        )
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.G_AB = AnisotropicUNet3D(**generator)

@@ -179,4 +179,8 @@ def test_optuna_sweep_optimises_returned_metric(synthetic_dir: Path, tmp_path: P
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["name"] == "optuna"
     assert -1.0 <= float(results["best_value"]) <= 1.0  # val/cycle_ssim returned by train()
-    assert set(results["best_params"]) == {"model.optim.lr", "model.loss.lambda_cycle", "model.loss.lambda_content"}
+    assert set(results["best_params"]) == {
+        "model.optim.lr",
+        "model.loss.lambda_cycle",
+        "model.loss.lambda_content",
+    }

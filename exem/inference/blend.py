@@ -1,0 +1,120 @@
+"""Gaussian blending of overlapping patch predictions.
+
+Each output voxel is ``Σ_p w_p · net(patch p) / Σ_p w_p`` over the patches ``p`` that cover it, with ``w`` the
+Gaussian bump of :func:`gaussian_window` placed at each patch. :class:`BlendAccumulator` keeps the two sums for
+one box (an output block) on the device; patches may stick out of the box (only their intersection counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["BlendAccumulator", "gaussian_window"]
+
+
+def gaussian_window(
+    patch: Sequence[int],
+    sigma: float = 0.5,
+    floor: float = 1e-4,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The published ExEM blending bump ``exp(−(z² + y² + x²) / (2σ²))`` on ``[−1, 1]³``, clamped to ≥ ``floor``.
+
+    Per axis the coordinates are ``linspace(−1, 1, n)`` (``[0.0]`` for an axis of size 1, e.g. 2D-as-3D
+    patches). It is computed in float64 on the CPU and then cast, so every device gets the same values.
+
+    Args:
+        patch: patch shape (Z, Y, X) in voxels, each ≥ 1.
+        sigma: width of the bump in units of the half patch (published: 0.5), > 0.
+        floor: lower bound of the weights (> 0), so that every voxel of a patch has a positive weight.
+        device, dtype: of the returned tensor.
+
+    Returns:
+        ``(Z, Y, X)`` tensor of weights in ``[floor, 1]``; 1 at the centre of odd-sized patches.
+    """
+    sizes = tuple(int(n) for n in patch)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"gaussian_window: patch must be 3 positive sizes (z, y, x), got {list(patch)}")
+    if not sigma > 0:
+        raise ValueError(f"gaussian_window: sigma must be > 0, got {sigma}")
+    if not floor > 0:
+        raise ValueError(f"gaussian_window: floor must be > 0, got {floor}")
+    axes = [
+        torch.linspace(-1.0, 1.0, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+        for n in sizes
+    ]
+    r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+    w = torch.exp(-r2 / (2.0 * float(sigma) ** 2)).clamp_min_(float(floor))
+    return w.to(dtype=dtype, device=device)
+
+
+def _overlap(start: int, size: int, box_start: int, box_size: int) -> tuple[slice, slice] | None:
+    """(slice into the box, slice into the patch) of the intersection of ``[start, start+size)`` and the box."""
+    lo = max(start, box_start)
+    hi = min(start + size, box_start + box_size)
+    if hi <= lo:
+        return None
+    return slice(lo - box_start, hi - box_start), slice(lo - start, hi - start)
+
+
+class BlendAccumulator:
+    """Weighted sums ``Σ w·out`` and ``Σ w`` of patch predictions over one box, on one device.
+
+    Args:
+        box_start: (z, y, x) of the box's first voxel, in the same coordinates as the patch starts.
+        box_shape: (Z, Y, X) of the box in voxels.
+        window: ``(pz, py, px)`` float32 weights (:func:`gaussian_window`) on the target device.
+
+    The accumulators are float32: ``acc`` is ``(C, Z, Y, X)`` (allocated at the first :meth:`add`, when the
+    number of channels C is known), ``weight`` is ``(Z, Y, X)``. Per voxel the sums run in the order of the
+    :meth:`add` calls, so the same patches added in the same order give bit-identical results.
+    """
+
+    def __init__(self, box_start: Sequence[int], box_shape: Sequence[int], window: Tensor) -> None:
+        self.box_start = tuple(int(v) for v in box_start)
+        self.box_shape = tuple(int(v) for v in box_shape)
+        self.window = window
+        self.patch = tuple(int(v) for v in window.shape)
+        self.acc: Tensor | None = None
+        self.weight = torch.zeros(self.box_shape, dtype=torch.float32, device=window.device)
+
+    def add(self, out: Tensor, start: Sequence[int]) -> None:
+        """Add one patch prediction.
+
+        Args:
+            out: ``(C, pz, py, px)`` prediction of the patch (any float dtype; accumulated in float32).
+            start: (z, y, x) of the patch's first voxel. Patches that miss the box are ignored.
+        """
+        if tuple(out.shape[1:]) != self.patch:
+            raise ValueError(f"prediction shape {tuple(out.shape)} does not match the window {self.patch}")
+        parts = [
+            _overlap(int(s), p, b, n)
+            for s, p, b, n in zip(start, self.patch, self.box_start, self.box_shape, strict=True)
+        ]
+        if any(p is None for p in parts):
+            return
+        dst = tuple(p[0] for p in parts)  # type: ignore[index]
+        src = tuple(p[1] for p in parts)  # type: ignore[index]
+        if self.acc is None:
+            self.acc = torch.zeros(
+                (out.shape[0], *self.box_shape), dtype=torch.float32, device=self.weight.device
+            )
+        w = self.window[src]
+        self.acc[(slice(None), *dst)] += out[(slice(None), *src)].float() * w
+        self.weight[dst] += w
+
+    def result(self) -> Tensor:
+        """``Σ w·out / Σ w`` as a ``(C, Z, Y, X)`` float32 tensor (computed in place: call once).
+
+        Raises:
+            RuntimeError: nothing was added, or a voxel of the box is covered by no patch.
+        """
+        if self.acc is None:
+            raise RuntimeError("BlendAccumulator.result: no patch was added")
+        if not bool((self.weight > 0).all()):
+            raise RuntimeError("BlendAccumulator.result: some voxels of the box are covered by no patch")
+        return self.acc.div_(self.weight)

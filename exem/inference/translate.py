@@ -1,0 +1,428 @@
+"""Whole-volume translation ExM → virtual EM with a trained generator (``G_AB``), out of core and resumable.
+
+``translate_volume`` opens the input, validates everything it can before any compute, creates (or resumes)
+an OME-Zarr output (NGFF 0.4, levels ``"0"`` and ``"1"``, the input's voxel size) and runs the blockwise engine
+(:func:`exem.inference.engine.run_blockwise`) on one device or many (pass a DDP ``lightning.Trainer``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import zarr
+from torch import nn
+
+from exem.data.ome import create_ome_zarr
+from exem.data.volume import Volume, open_volume
+from exem.inference.engine import (
+    DEFAULT_NUM_WORKERS,
+    OUT_DTYPES,
+    BlockPlan,
+    _triple,
+    done_blocks,
+    plan_blocks,
+    resolve_region,
+    run_blockwise,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_YX",
+    "LEVELS",
+    "TranslateResult",
+    "default_chunks",
+    "default_overlap",
+    "translate_volume",
+    "weights_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+
+# Pyramid levels written: "0" (full resolution) and "1" (Y and X halved, 2×2 mean).
+LEVELS = 2
+# In-plane output chunk size (voxels); Z chunks are two patches deep.
+DEFAULT_CHUNK_YX = 256
+# Default overlap of neighbouring patches, as a fraction of the patch (rounded to an even number of voxels).
+DEFAULT_OVERLAP_FRACTION = 0.25
+OUTPUT_NAME = "virtual_em"
+# Settings recorded in the output's "exem" attribute; a resume must match all of them.
+_SETTINGS = (
+    "input",
+    "input_level",
+    "roi",
+    "shape",
+    "patch",
+    "overlap",
+    "sigma",
+    "dtype",
+    "autocast_dtype",
+    "intensity_range",
+    "generator",
+    "block_shape",
+    "chunks",
+    "levels",
+)
+
+
+@dataclass(frozen=True)
+class TranslateResult:
+    """What :func:`translate_volume` did.
+
+    Attributes:
+        output: the OME-Zarr group written.
+        shape: output shape (Z, Y, X) in voxels (the ROI's, or the input's).
+        seconds: wall time of the call.
+        voxels: output voxels computed by this call (all of them unless resumed).
+        mvox_per_s: ``voxels / seconds / 1e6``.
+        blocks_done: blocks computed by this call (all ranks).
+        blocks_skipped: blocks already done by an earlier, interrupted call.
+    """
+
+    output: Path
+    shape: tuple[int, int, int]
+    seconds: float
+    voxels: int
+    mvox_per_s: float
+    blocks_done: int
+    blocks_skipped: int
+
+
+def default_overlap(patch: Sequence[int]) -> tuple[int, int, int]:
+    """25 % of the patch per axis, rounded to an even number of voxels (0 for an axis of size 1)."""
+    out = []
+    for p in _triple(patch, "patch"):
+        o = 2 * round(p * DEFAULT_OVERLAP_FRACTION / 2)
+        out.append(min(o, p - 1) if p > 1 else 0)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def default_chunks(shape: Sequence[int], patch: Sequence[int]) -> tuple[int, int, int]:
+    """Output chunks ``(2·patch_z, 256, 256)`` capped by the output shape."""
+    pz = _triple(patch, "patch")[0]
+    want = (2 * pz, DEFAULT_CHUNK_YX, DEFAULT_CHUNK_YX)
+    return tuple(min(int(c), int(s)) for c, s in zip(want, shape, strict=True))  # type: ignore[return-value]
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """SHA-1 of the module's state (dtype, shape and bytes of every state-dict tensor, in order; no names)."""
+    h = hashlib.sha1()
+    for t in module.state_dict().values():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _check_patch(generator: nn.Module, patch: tuple[int, int, int]) -> None:
+    if min(patch) < 1:
+        raise ValueError(f"patch must be positive, got {list(patch)}")
+    check = getattr(generator, "check_input_shape", None)
+    if callable(check):
+        check(patch)
+        return
+    d = int(getattr(generator, "divisor", 1))
+    if patch[1] % d or patch[2] % d:
+        raise ValueError(f"patch Y×X = {patch[1]}×{patch[2]} is not divisible by {d}; use a multiple of {d}")
+
+
+def _open_input(
+    source: Any,
+    level: int,
+    intensity_range: Sequence[float] | None,
+    percentiles: Sequence[float] | None,
+) -> Volume:
+    if isinstance(source, Volume):
+        if percentiles is not None:
+            raise ValueError(
+                "percentiles apply when opening the input; give a path, or open the volume with them"
+            )
+        if intensity_range is not None:
+            lo, hi = (float(v) for v in intensity_range)
+            if not hi > lo:
+                raise ValueError(f"intensity range [{lo:g}, {hi:g}] must have hi > lo")
+            return replace(source, intensity_range=(lo, hi))
+        return source
+    return open_volume(source, level=level, intensity_range=intensity_range, percentiles=percentiles)
+
+
+def _input_id(volume: Volume, source: Any) -> str:
+    if isinstance(source, (str, Path)) and "://" not in str(source):
+        return str(Path(source).expanduser().resolve())
+    return volume.path
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _describe_differences(stored: dict, settings: dict) -> str:
+    diffs = []
+    for key in _SETTINGS:
+        old, new = stored.get(key), settings.get(key)
+        if old != new:
+            if key == "generator" and isinstance(old, dict) and isinstance(new, dict):
+                keys = [k for k in new if old.get(k) != new.get(k)]
+                diffs.append("generator " + ", ".join(f"{k} {old.get(k)} (now {new.get(k)})" for k in keys))
+            else:
+                diffs.append(f"{key} {old} (now {new})")
+    return "; ".join(diffs)
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _inspect_output(out: Path, settings: dict, overwrite: bool, plan: BlockPlan) -> str:
+    """Decide what to do with the output (read-only): ``create`` | ``overwrite`` | ``resume``, or raise."""
+    exists = out.exists() and not (out.is_dir() and not any(out.iterdir()))
+    if not exists:
+        anchor = _nearest_existing(out.parent)
+        if not os.access(anchor, os.W_OK | os.X_OK):
+            raise PermissionError(f"output {out}: cannot create it, {anchor} is not writable")
+        return "create"
+    if overwrite:
+        for p in (out.parent, out):
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise PermissionError(f"output {out}: cannot replace it, {p} is not writable")
+        return "overwrite"
+    stored = None
+    try:
+        attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+        stored = attrs.get("exem") if isinstance(attrs.get("exem"), dict) else None
+    except Exception:  # noqa: BLE001 - anything unreadable is "not an exem output"
+        stored = None
+    if stored is None or "patch" not in stored:
+        raise FileExistsError(
+            f"output {out} exists and is not an exem translation; use overwrite=true or another output"
+        )
+    if stored.get("complete"):
+        raise FileExistsError(f"output {out} exists (complete); use overwrite=true")
+    diff = _describe_differences(stored, settings)
+    if diff:
+        raise FileExistsError(
+            f"output {out} exists (incomplete) with other settings: {diff}; use overwrite=true to start over"
+        )
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"output {out}: cannot resume, it is not writable")
+    n = len(done_blocks(out, plan, LEVELS))
+    log.info("resuming %s: %d of %d blocks already done", out, n, len(plan.blocks))
+    return "resume"
+
+
+def _prepare_output(
+    path: str,
+    action: str,
+    shape: tuple[int, int, int],
+    dtype: str,
+    voxel_size_nm: tuple[float, float, float],
+    chunks: tuple[int, int, int],
+    origin: tuple[int, int, int],
+    attributes: dict,
+) -> None:
+    """Create the OME-Zarr output (runs once, on global rank 0, inside the Lightning run)."""
+    out = Path(path)
+    if action == "resume":
+        return
+    if action == "overwrite" and out.exists():
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    group = create_ome_zarr(
+        out,
+        shape,
+        dtype,
+        voxel_size_nm,
+        chunks=chunks,
+        factors=[(1, 2**lvl, 2**lvl) for lvl in range(LEVELS)],
+        name=OUTPUT_NAME,
+        attributes={"exem": attributes},
+    )
+    if any(origin):
+        # NGFF: place the ROI where it lies in the input (scale, then translation, in physical units).
+        multiscales = _jsonable(group.attrs["multiscales"])
+        offset = [float(o) * float(v) for o, v in zip(origin, voxel_size_nm, strict=True)]
+        for ds in multiscales[0]["datasets"]:
+            ds["coordinateTransformations"].append({"type": "translation", "translation": offset})
+        group.attrs["multiscales"] = multiscales
+
+
+def translate_volume(
+    generator: nn.Module,
+    input: str | Path | Volume | Any,  # noqa: A002 - the natural name, mirrors the config key
+    output: str | Path,
+    *,
+    patch: Sequence[int] = (16, 256, 256),
+    overlap: Sequence[int] | None = None,
+    sigma: float = 0.5,
+    batch_size: int = 8,
+    dtype: str = "uint8",
+    roi: Sequence[int] | None = None,
+    overwrite: bool = False,
+    input_level: int = 0,
+    block_shape: Sequence[int] | None = None,
+    num_workers: int | None = None,
+    trainer: L.Trainer | None = None,
+    intensity_range: Sequence[float] | None = None,
+    percentiles: Sequence[float] | None = None,
+    chunks: Sequence[int] | None = None,
+    autocast_dtype: str | None = None,
+    progress: bool = True,
+) -> TranslateResult:
+    """Translate a whole ExM volume (or an ROI) to virtual EM and write it as an OME-Zarr pyramid.
+
+    Args:
+        generator: ``(B, 1, Z, Y, X)`` float32 in [0, 1] → ``(B, 1, Z, Y, X)`` (e.g. an
+            :class:`~exem.models.unet.AnisotropicUNet3D`); its weights' fingerprint is recorded in the output.
+        input: a Zarr / OME-Zarr / TIFF path (opened with ``open_volume(level=input_level, …)``), or a
+            :class:`~exem.data.volume.Volume` (or anything ``open_volume`` accepts, e.g. a numpy array).
+        output: local folder of the OME-Zarr written (NGFF 0.4, levels ``"0"`` and ``"1"``, voxel size of the
+            input; 1 nm with a warning when unknown). An existing complete output needs ``overwrite=True``; an
+            incomplete one written with the same settings and weights is resumed.
+        patch: (z, y, x) voxels per network call; Y and X multiples of the generator's ``divisor``.
+        overlap: (z, y, x) overlap of neighbouring patches; None → 25 % of the patch (even, 0 for size 1).
+        sigma: Gaussian blending window width on [−1, 1]³ (published 0.5).
+        batch_size: patches per network call.
+        dtype: ``uint8`` (``clip(round(255·x), 0, 255)``), ``float16`` or ``float32`` (unclipped).
+        roi: (z0, z1, y0, y1, x0, x1) voxels of the input level; None → the whole volume.
+        overwrite: delete an existing output first.
+        input_level: OME-Zarr level of the input.
+        block_shape: (z, y, x) voxels per output block (rounded up to chunks); None → engine default.
+        num_workers: reader processes; None → 2.
+        trainer: a Lightning Trainer (e.g. DDP over several devices); None → one device, chosen automatically.
+        intensity_range, percentiles: input normalisation (see ``open_volume``); must match training.
+        chunks: output chunk shape (z, y, x); None → ``(2·patch_z, 256, 256)`` capped by the shape.
+        autocast_dtype: ``bfloat16``/``float16`` to run the generator under autocast (GPU); None → float32.
+        progress: show a progress bar (blocks, Mvox/s) on stderr.
+
+    The generator is moved to the trainer's device (and put in eval mode) by Lightning and stays there.
+
+    Returns:
+        a :class:`TranslateResult` (on every rank).
+
+    Raises:
+        VolumeError: unreadable or invalid input (not 3D, non-numeric, NaN in a sample, …).
+        ValueError: bad patch / overlap / ROI / dtype; non-finite output in a block (that block is not marked
+            done).
+        FileExistsError: the output exists (complete, foreign, or incomplete with other settings).
+        PermissionError: the output location is not writable.
+    """
+    t0 = time.perf_counter()
+    if "://" in str(output):
+        raise ValueError(f"output {output}: only local paths are supported (done-markers are files)")
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
+    if not float(sigma) > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    volume = _open_input(input, input_level, intensity_range, percentiles)
+    patch3 = _triple(patch, "patch")
+    _check_patch(generator, patch3)
+    overlap3 = default_overlap(patch3) if overlap is None else _triple(overlap, "overlap")
+    region = resolve_region(volume.shape, roi, patch3)
+    shape = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
+    if chunks is None:
+        chunks3 = default_chunks(shape, patch3)
+    else:
+        chunks3 = tuple(min(int(c), s) for c, s in zip(_triple(chunks, "chunks"), shape, strict=True))
+        if min(chunks3) < 1:
+            raise ValueError(f"chunks must be positive, got {list(chunks)}")
+    plan = plan_blocks(
+        volume.shape, patch3, overlap3, roi=roi, block_shape=block_shape, chunks=chunks3, levels=LEVELS
+    )
+    if volume.voxel_size_nm is None:
+        log.warning("%s: voxel size unknown; the output says 1 nm per voxel", volume.path)
+        voxel = (1.0, 1.0, 1.0)
+    else:
+        voxel = tuple(float(v) for v in volume.voxel_size_nm)
+
+    from exem import __version__
+
+    settings = _jsonable(
+        {
+            "input": _input_id(volume, input),
+            "input_level": volume.level,
+            "roi": list(plan.region),
+            "shape": list(shape),
+            "patch": list(patch3),
+            "overlap": list(overlap3),
+            "sigma": float(sigma),
+            "dtype": dtype,
+            "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype),
+            "intensity_range": list(volume.intensity_range),
+            "generator": {
+                "widths": list(getattr(generator, "widths", []) or []) or None,
+                "fingerprint": weights_fingerprint(generator),
+            },
+            "block_shape": list(plan.block_shape),
+            "chunks": list(chunks3),
+            "levels": LEVELS,
+        }
+    )
+    out = Path(output).expanduser().absolute()
+    action = _inspect_output(out, settings, bool(overwrite), plan)
+    attributes = {
+        **settings,
+        "generator_class": type(generator).__name__,
+        "complete": False,
+        "version": __version__,
+    }
+    prepare = functools.partial(
+        _prepare_output, str(out), action, shape, dtype, voxel, chunks3, plan.origin, attributes
+    )
+    result = run_blockwise(
+        generator,
+        volume,
+        out,
+        patch=patch3,
+        overlap=overlap3,
+        sigma=sigma,
+        batch_size=batch_size,
+        out_dtype=dtype,
+        roi=plan.region,
+        block_shape=plan.block_shape,
+        num_workers=DEFAULT_NUM_WORKERS if num_workers is None else int(num_workers),
+        trainer=trainer,
+        autocast_dtype=autocast_dtype,
+        chunks=chunks3,
+        levels=LEVELS,
+        prepare=prepare,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    voxels = result.voxels_done
+    rate = voxels / seconds / 1e6 if seconds > 0 else 0.0
+    if result.global_rank == 0:
+        log.info(
+            "translated %s (%s voxels) in %.1f s, %.2f Mvox/s → %s",
+            volume.path,
+            "×".join(map(str, shape)),
+            seconds,
+            rate,
+            out,
+        )
+    return TranslateResult(
+        output=out,
+        shape=shape,  # type: ignore[arg-type]
+        seconds=seconds,
+        voxels=int(voxels),
+        mvox_per_s=rate,
+        blocks_done=result.blocks_done,
+        blocks_skipped=result.blocks_skipped,
+    )

@@ -1,0 +1,82 @@
+"""Gaussian window and blending accumulator."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from exem.data.grid import PatchGrid
+from exem.inference.blend import BlendAccumulator, gaussian_window
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.3, 0.2])
+def test_window_centre_and_corner(sigma: float) -> None:
+    w = gaussian_window((5, 7, 9), sigma=sigma)
+    assert w.shape == (5, 7, 9)
+    assert w.dtype == torch.float32
+    assert w[2, 3, 4].item() == 1.0
+    corner = max(math.exp(-3 / (2 * sigma**2)), 1e-4)
+    for idx in [(0, 0, 0), (4, 6, 8), (0, 6, 0), (4, 0, 8)]:
+        assert w[idx].item() == pytest.approx(corner, rel=1e-6)
+    assert float(w.min()) >= float(np.float32(1e-4))
+    # symmetric, and decreasing away from the centre along each axis
+    assert torch.equal(w, w.flip(0)) and torch.equal(w, w.flip(1)) and torch.equal(w, w.flip(2))
+    assert bool((w[2, 3, 4:].diff() <= 0).all())
+
+
+def test_window_formula_matches_numpy() -> None:
+    patch, sigma = (4, 6, 10), 0.5
+    z, y, x = (np.linspace(-1, 1, n) for n in patch)
+    ref = np.exp(-(z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2) / (2 * sigma**2))
+    np.testing.assert_allclose(gaussian_window(patch, sigma).numpy(), np.maximum(ref, 1e-4), rtol=1e-6)
+
+
+def test_window_single_slice_patch() -> None:
+    w = gaussian_window((1, 5, 5), sigma=0.5, dtype=torch.float64)
+    assert w.shape == (1, 5, 5) and w.dtype == torch.float64
+    assert w[0, 2, 2].item() == 1.0
+    assert w[0, 0, 0].item() == pytest.approx(math.exp(-2 / (2 * 0.25)))
+
+
+def test_window_floor_and_errors() -> None:
+    w = gaussian_window((3, 3, 3), sigma=0.1, floor=1e-3)
+    assert w[0, 0, 0].item() == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_window((3, 3, 3), sigma=0)
+    with pytest.raises(ValueError, match="patch"):
+        gaussian_window((3, 0, 3))
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap", "box"),
+    [
+        ((10, 40, 33), (4, 16, 16), (2, 8, 8), None),
+        ((7, 19, 23), (3, 8, 5), (1, 3, 2), None),
+        ((1, 30, 30), (1, 16, 16), (0, 6, 6), None),
+        ((12, 50, 40), (5, 16, 16), (3, 10, 2), ((2, 10, 7), (6, 25, 20))),  # a box inside the volume
+    ],
+)
+def test_constant_through_identity_is_constant(shape, patch, overlap, box) -> None:
+    """Blending constant predictions gives the constant, for any grid and any box."""
+    grid = PatchGrid(shape, patch, overlap)
+    start, bshape = box if box is not None else ((0, 0, 0), shape)
+    acc = BlendAccumulator(start, bshape, gaussian_window(patch, 0.5))
+    value = 0.3712
+    for s in grid:
+        acc.add(torch.full((1, *patch), value), s)
+    out = acc.result()
+    assert out.shape == (1, *bshape)
+    assert float((out - value).abs().max()) < 1e-6
+
+
+def test_accumulator_ignores_patches_outside_and_detects_gaps() -> None:
+    acc = BlendAccumulator((0, 0, 0), (2, 4, 4), gaussian_window((2, 4, 4)))
+    acc.add(torch.ones(1, 2, 4, 4), (0, 10, 10))  # misses the box
+    with pytest.raises(RuntimeError, match="no patch"):
+        acc.result()
+    acc.add(torch.ones(2, 2, 4, 4), (0, 2, 2))  # covers part of the box only
+    with pytest.raises(RuntimeError, match="covered by no patch"):
+        acc.result()

@@ -1,0 +1,287 @@
+"""Blockwise inference engine: plan, equivalence with the published whole-volume stitching, resume, errors."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from exem.data.grid import PatchGrid
+from exem.data.ome import create_ome_zarr, downsample_inplane
+from exem.data.volume import normalize, open_volume
+from exem.inference import engine
+from exem.inference.engine import BlockWriter, done_blocks, plan_blocks, resolve_region, run_blockwise
+from exem.models.unet import AnisotropicUNet3D
+
+SHAPE = (20, 96, 80)
+PATCH = (8, 32, 32)
+OVERLAP = (4, 16, 16)
+SIGMA = 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these tiny networks gain nothing from more, and lose a lot on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return AnisotropicUNet3D(widths=(4, 8, 16)).eval()
+
+
+@pytest.fixture(scope="module")
+def raw() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, SHAPE, dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def raw_zarr(tmp_path_factory: pytest.TempPathFactory, raw: np.ndarray) -> Path:
+    path = tmp_path_factory.mktemp("engine") / "in.zarr"
+    zarr.create_array(str(path), shape=raw.shape, chunks=(8, 32, 32), dtype=raw.dtype)[...] = raw
+    return path
+
+
+def reference_stitch(net: nn.Module, x: np.ndarray, patch, overlap, sigma: float) -> np.ndarray:
+    """The published stitching, whole volume in RAM: Σ w·G(x[p]) / Σ w over the PatchGrid's patches."""
+    grid = PatchGrid(x.shape, patch, overlap)
+    z, y, xx = (np.linspace(-1, 1, n) if n > 1 else np.zeros(1) for n in patch)
+    r2 = z[:, None, None] ** 2 + y[None, :, None] ** 2 + xx[None, None, :] ** 2
+    w = np.maximum(np.exp(-r2 / (2 * sigma**2)), 1e-4).astype(np.float32)
+    out = np.zeros(x.shape, np.float32)
+    norm = np.zeros(x.shape, np.float32)
+    with torch.no_grad():
+        for start in grid:
+            sl = grid.slices(start)
+            g = net(torch.from_numpy(np.ascontiguousarray(x[sl]))[None, None])[0, 0].numpy()
+            out[sl] += w * g
+            norm[sl] += w
+    return out / norm
+
+
+def run(
+    net: nn.Module,
+    source,
+    out: Path,
+    *,
+    dtype: str = "float32",
+    chunks=(4, 16, 16),
+    levels: int = 1,
+    roi=None,
+    **kwargs,
+) -> np.ndarray:
+    """run_blockwise into a freshly created group; returns level 0."""
+    volume = source if hasattr(source, "intensity_range") else open_volume(source)
+    region = resolve_region(volume.shape, roi, PATCH)
+    shape = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
+    create_ome_zarr(
+        out, shape, dtype, (1, 1, 1), chunks=chunks, factors=[(1, 2**i, 2**i) for i in range(levels)]
+    )
+    kwargs.setdefault("num_workers", 0)
+    run_blockwise(
+        net,
+        volume,
+        out,
+        patch=PATCH,
+        overlap=OVERLAP,
+        sigma=SIGMA,
+        batch_size=4,
+        out_dtype=dtype,
+        roi=roi,
+        **kwargs,
+    )
+    return zarr.open_group(str(out), mode="r")["0"][...]
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def test_plan_blocks_tile_the_region_and_respect_chunks() -> None:
+    plan = plan_blocks(SHAPE, PATCH, OVERLAP, block_shape=(5, 40, 20), chunks=(4, 16, 16), levels=2)
+    # rounded up to whole chunks of level 0 (4, 16, 16) and level 1 (4, 16, 16 → 32 level-0 voxels in Y, X)
+    assert plan.align == (4, 32, 32)
+    assert plan.block_shape == (8, 64, 32)
+    covered = np.zeros(SHAPE, np.int32)
+    for b in plan.blocks:
+        covered[b.slices()] += 1
+        assert all(s % a == 0 for s, a in zip(b.start, plan.align, strict=True))
+        # the block's patches are exactly the global grid's patches that intersect it, in the grid's order
+        expected = [
+            s
+            for s in plan.grid
+            if all(s[ax] < b.stop[ax] and s[ax] + PATCH[ax] > b.start[ax] for ax in range(3))
+        ]
+        assert list(b.patches()) == expected
+        assert all(
+            c0 <= s0 and c1 >= s1
+            for c0, s0, c1, s1 in zip(b.context_start, b.start, b.context_stop, b.stop, strict=True)
+        )
+    assert (covered == 1).all()
+    assert len({b.id for b in plan.blocks}) == len(plan.blocks)
+    assert plan.duplicate_fraction > 0
+    single = plan_blocks(SHAPE, PATCH, OVERLAP)
+    assert len(single.blocks) == 1 and single.duplicate_fraction == 0.0
+
+
+def test_default_block_shape_follows_the_budget() -> None:
+    shape, patch = (300, 8192, 8192), (16, 256, 256)
+    plan = plan_blocks(shape, patch, (4, 64, 64), chunks=(32, 256, 256), levels=2, block_voxels=2**28)
+    bz, by, bx = plan.block_shape
+    assert bz * by * bx <= 2**28
+    assert bz % 32 == 0 and by % 512 == 0 and bx % 512 == 0
+    assert by == bx
+
+
+@pytest.mark.parametrize(
+    ("roi", "message"),
+    [
+        ((0, 20, 0, 96, 100, 5000), "ROI x 100:5000 is outside the volume \\(x size 80\\)"),
+        ((10, 5, 0, 96, 0, 80), "ROI z 10:5 is empty or reversed"),
+        ((0, 20, 0, 20, 0, 80), "larger than the ROI y 0:20"),
+        ((0, 20, 0, 96), "6 integers"),
+    ],
+)
+def test_roi_errors(roi, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_region(SHAPE, roi, PATCH)
+
+
+def test_patch_larger_than_volume() -> None:
+    with pytest.raises(ValueError, match="larger than the volume 20×96×80 on axis z"):
+        resolve_region(SHAPE, None, (32, 32, 32))
+
+
+# -------------------------------------------------------------------------------------- equivalence
+
+
+def test_engine_equals_published_stitching(net, raw, tmp_path) -> None:
+    """Acceptance: one block and many blocks both equal the whole-volume stitching."""
+    ref = reference_stitch(net, normalize(raw, 0, 255), PATCH, OVERLAP, SIGMA)
+    one = run(net, raw, tmp_path / "one.zarr")
+    many = run(net, raw, tmp_path / "many.zarr", block_shape=(8, 32, 32))
+    plan = plan_blocks(SHAPE, PATCH, OVERLAP, block_shape=(8, 32, 32), chunks=(4, 16, 16))
+    assert [len(set(s)) for s in zip(*(b.start for b in plan.blocks), strict=True)] == [
+        3,
+        3,
+        3,
+    ]  # several blocks per axis
+    assert float(np.abs(one - ref).max()) <= 1e-5
+    assert float(np.abs(many - ref).max()) <= 1e-5
+    assert float(np.abs(one - many).max()) <= 1e-6  # (bit-identical on x86 CPUs: fixed network batch size)
+    # uint8 = clip(round(255·float32)), computed on the device
+    u8 = run(net, raw, tmp_path / "u8.zarr", dtype="uint8", block_shape=(4, 48, 48))
+    np.testing.assert_array_equal(u8, np.clip(np.round(255 * one), 0, 255).astype(np.uint8))
+
+
+def test_roi_equals_translating_the_cropped_volume(net, raw, tmp_path) -> None:
+    roi = (2, 18, 16, 80, 8, 72)
+    got = run(net, raw, tmp_path / "roi.zarr", roi=roi)
+    crop = raw[2:18, 16:80, 8:72]
+    ref = reference_stitch(net, normalize(crop, 0, 255), PATCH, OVERLAP, SIGMA)
+    assert got.shape == crop.shape
+    assert float(np.abs(got - ref).max()) <= 1e-5
+
+
+def test_identity_net_keeps_a_constant_volume(tmp_path) -> None:
+    const = np.full(SHAPE, 1000, np.uint16)
+    volume = open_volume(const, intensity_range=(0, 4000))
+    got = run(nn.Identity(), volume, tmp_path / "c.zarr", block_shape=(8, 32, 32))
+    assert float(np.abs(got - 0.25).max()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", ">u2", "uint32", "int16", "float32", ">f8"])
+def test_device_normalisation_is_bit_identical_to_normalize(dtype: str) -> None:
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "ui" else None
+    lo, hi = (100.0, 3000.5) if info is None or info.max > 255 else (3.0, 200.0)
+    if info is not None:
+        a = rng.integers(info.min, info.max, (4, 8, 8), endpoint=True).astype(dtype)
+        a.flat[:2] = [info.min, info.max]
+    else:
+        a = (rng.random((4, 8, 8)) * 4000 - 200).astype(dtype)
+    predictor = engine.BlockPredictor(
+        nn.Identity(), plan_blocks((4, 8, 8), (4, 8, 8)), (lo, hi), raw_dtype=a.dtype
+    )
+    got = predictor.normalize(engine._raw_tensor(a)).numpy()
+    np.testing.assert_array_equal(got, normalize(a, lo, hi))
+
+
+def test_uint16_volume_through_the_engine(tmp_path) -> None:
+    data = np.random.default_rng(2).integers(0, 65536, SHAPE).astype(np.uint16)
+    volume = open_volume(data, intensity_range=(1000, 60000))
+    got = run(nn.Identity(), volume, tmp_path / "u16.zarr", block_shape=(8, 32, 32))
+    assert float(np.abs(got - normalize(data, 1000, 60000)).max()) < 1e-6
+
+
+def test_workers_and_pyramid(net, raw_zarr, tmp_path) -> None:
+    a = run(net, raw_zarr, tmp_path / "w0.zarr", dtype="uint8", levels=2, block_shape=(8, 32, 32))
+    b = run(
+        net, raw_zarr, tmp_path / "w1.zarr", dtype="uint8", levels=2, block_shape=(8, 32, 32), num_workers=1
+    )
+    np.testing.assert_array_equal(a, b)
+    group = zarr.open_group(str(tmp_path / "w1.zarr"), mode="r")
+    np.testing.assert_array_equal(group["1"][...], downsample_inplane(a))
+    assert group.attrs["exem"]["complete"] is True
+
+
+def test_resume_skips_done_blocks(net, raw, tmp_path) -> None:
+    out = tmp_path / "r.zarr"
+    full = run(net, raw, out, block_shape=(8, 32, 32))
+    plan = plan_blocks(SHAPE, PATCH, OVERLAP, block_shape=(8, 32, 32), chunks=(4, 16, 16))
+    assert done_blocks(out, plan, 1) == {b.index for b in plan.blocks}
+    # forget three blocks (marker and data), rerun: only they are computed, the result is the same
+    group = zarr.open_group(str(out), mode="r+")
+    for b in plan.blocks[:3]:
+        (out / engine.DONE_DIR / "0" / b.id).unlink()
+        group["0"][b.slices()] = 0
+    volume = open_volume(raw)
+    result = run_blockwise(
+        net, volume, out, patch=PATCH, overlap=OVERLAP, batch_size=4, block_shape=(8, 32, 32), num_workers=0
+    )
+    assert (result.blocks_skipped, result.blocks_done) == (len(plan.blocks) - 3, 3)
+    np.testing.assert_array_equal(group["0"][...], full)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_nan_block_raises_and_is_not_marked(net, tmp_path) -> None:
+    data = np.random.default_rng(1).random(SHAPE, dtype=np.float32)
+    volume = open_volume(data)
+    data[10, 50, 40] = np.nan  # after opening (its sample check would refuse it)
+    out = tmp_path / "nan.zarr"
+    with pytest.raises(
+        ValueError, match="non-finite values .* block (z\\d+-\\d+_y\\d+-\\d+_x\\d+-\\d+)"
+    ) as info:
+        run(net, volume, out, block_shape=(8, 32, 32))
+    block_id = str(info.value).split("block ")[1].split(" ")[0]
+    assert not (out / engine.DONE_DIR / "0" / block_id).exists()
+    assert "incomplete" not in str(info.value)
+    assert not zarr.open_group(str(out), mode="r").attrs.get("exem", {}).get("complete", False)
+
+
+def test_writer_error_reaches_the_caller(net, raw, tmp_path, monkeypatch) -> None:
+    def broken(self, index, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(BlockWriter, "write_block", broken)
+    out = tmp_path / "broken.zarr"
+    with pytest.raises(OSError, match="disk full"):
+        run(net, raw, out, block_shape=(8, 32, 32))
+    assert not (out / engine.DONE_DIR).exists()
+
+
+def test_block_ids_are_unique_across_plans() -> None:
+    a = plan_blocks(SHAPE, PATCH, OVERLAP, block_shape=(8, 32, 32), chunks=(4, 16, 16))
+    b = plan_blocks(SHAPE, PATCH, OVERLAP, block_shape=(4, 64, 16), chunks=(4, 16, 16))
+    boxes = {(x.start, x.stop): x.id for x in itertools.chain(a.blocks, b.blocks)}
+    assert len(set(boxes.values())) == len(boxes)

@@ -1,0 +1,322 @@
+"""translate_volume: OME-Zarr output, resume after SIGKILL, 2-process DDP, user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from exem.data.ome import downsample_inplane, write_ome_zarr
+from exem.data.volume import open_volume
+from exem.inference.engine import DONE_DIR, plan_blocks
+from exem.inference.translate import TranslateResult, default_overlap, translate_volume
+from exem.models.unet import AnisotropicUNet3D
+
+SHAPE = (20, 96, 80)
+VOXEL = (40.0, 10.0, 10.0)
+# 5 × 2 × 2 = 20 blocks of ≤ 4×64×64 voxels (level-1 chunks of 32 make Y/X blocks multiples of 64).
+KW = {
+    "patch": [8, 32, 32],
+    "overlap": [4, 16, 16],
+    "batch_size": 4,
+    "chunks": [4, 32, 32],
+    "block_shape": [4, 64, 64],
+    "num_workers": 0,
+    "progress": False,
+}
+
+
+def n_blocks() -> int:
+    return len(plan_blocks(SHAPE, KW["patch"], KW["overlap"], **_plan_kw()).blocks)
+
+
+def _plan_kw() -> dict:
+    return {"block_shape": KW["block_shape"], "chunks": KW["chunks"], "levels": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these tiny networks gain nothing from more, and lose a lot on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("translate")
+
+
+@pytest.fixture(scope="module")
+def state_path(data_dir: Path) -> Path:
+    torch.manual_seed(0)
+    path = data_dir / "g.pt"
+    torch.save(AnisotropicUNet3D(widths=(4, 8, 16)).state_dict(), path)
+    return path
+
+
+def load_generator(state_path: Path) -> AnisotropicUNet3D:
+    g = AnisotropicUNet3D(widths=(4, 8, 16))
+    g.load_state_dict(torch.load(state_path, weights_only=True))
+    return g.eval()
+
+
+@pytest.fixture()
+def generator(state_path: Path) -> AnisotropicUNet3D:
+    return load_generator(state_path)
+
+
+@pytest.fixture(scope="module")
+def exm(data_dir: Path) -> Path:
+    raw = np.random.default_rng(0).integers(0, 256, SHAPE, dtype=np.uint8)
+    return write_ome_zarr(data_dir / "exm.ome.zarr", raw, VOXEL, chunks=(8, 32, 32), levels=1)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir: Path, state_path: Path, exm: Path) -> tuple[TranslateResult, Path]:
+    """An uninterrupted single-process translation with the settings KW."""
+    out = data_dir / "reference.ome.zarr"
+    return translate_volume(load_generator(state_path), exm, out, **KW), out
+
+
+def levels_of(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    group = zarr.open_group(str(path), mode="r")
+    return group["0"][...], group["1"][...]
+
+
+def test_output_is_an_ome_zarr_pyramid(reference) -> None:
+    result, out = reference
+    assert result.output == out and result.shape == SHAPE
+    assert (result.blocks_done, result.blocks_skipped) == (n_blocks(), 0)
+    assert result.voxels == int(np.prod(SHAPE)) and result.mvox_per_s > 0
+    level0, level1 = levels_of(out)
+    assert level0.dtype == np.uint8 and level0.shape == SHAPE
+    assert level1.shape == (20, 48, 40)
+    np.testing.assert_array_equal(level1, downsample_inplane(level0))
+    attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+    ms = attrs["multiscales"][0]
+    assert ms["version"] == "0.4" and ms["name"] == "virtual_em"
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    assert scales == [list(VOXEL), [40.0, 20.0, 20.0]]
+    meta = attrs["exem"]
+    assert meta["complete"] is True
+    assert meta["patch"] == KW["patch"] and meta["overlap"] == KW["overlap"] and meta["sigma"] == 0.5
+    assert meta["generator"]["widths"] == [4, 8, 16] and len(meta["generator"]["fingerprint"]) == 40
+    assert meta["input"] == str(Path(result.output).parent / "exm.ome.zarr")
+    assert open_volume(out).voxel_size_nm == VOXEL
+    assert open_volume(out, level=1).voxel_size_nm == (40.0, 20.0, 20.0)
+
+
+def test_default_overlap() -> None:
+    assert default_overlap((16, 256, 256)) == (4, 64, 64)
+    assert default_overlap((1, 256, 256)) == (0, 64, 64)
+    assert default_overlap((8, 32, 32)) == (2, 8, 8)
+
+
+def test_roi_output_is_placed_in_the_input(generator, exm, tmp_path) -> None:
+    out = tmp_path / "roi.zarr"
+    result = translate_volume(generator, exm, out, roi=(4, 20, 32, 96, 0, 64), **KW)
+    assert result.shape == (16, 64, 64)
+    ms = zarr.open_group(str(out), mode="r").attrs["multiscales"][0]
+    assert ms["datasets"][0]["coordinateTransformations"][1] == {
+        "type": "translation",
+        "translation": [160.0, 320.0, 0.0],
+    }
+
+
+def test_user_errors(generator, exm, reference, tmp_path) -> None:
+    _, out = reference
+    with pytest.raises(ValueError, match="ROI x 100:5000 is outside the volume \\(x size 80\\)"):
+        translate_volume(generator, exm, tmp_path / "a.zarr", roi=(0, 20, 0, 96, 100, 5000), **KW)
+    with pytest.raises(ValueError, match="ROI y 90:10 is empty or reversed"):
+        translate_volume(generator, exm, tmp_path / "a.zarr", roi=(0, 20, 90, 10, 0, 80), **KW)
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        translate_volume(generator, exm, tmp_path / "a.zarr", **{**KW, "patch": [8, 30, 32]})
+    with pytest.raises(ValueError, match="larger than the volume"):
+        translate_volume(generator, exm, tmp_path / "a.zarr", **{**KW, "patch": [32, 32, 32]})
+    with pytest.raises(FileExistsError, match="exists \\(complete\\); use overwrite=true"):
+        translate_volume(generator, exm, out, **KW)
+    assert not (tmp_path / "a.zarr").exists()  # nothing was created by the failed calls
+
+
+def test_overwrite_and_resume_with_other_settings(generator, exm, reference, tmp_path) -> None:
+    out = tmp_path / "o.zarr"
+    translate_volume(generator, exm, out, **KW)
+    result = translate_volume(generator, exm, out, overwrite=True, **KW)  # redone from scratch
+    assert (result.blocks_done, result.blocks_skipped) == (n_blocks(), 0)
+    np.testing.assert_array_equal(levels_of(out)[0], levels_of(reference[1])[0])
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs["exem"] = {**group.attrs["exem"], "complete": False}  # as if interrupted
+    with pytest.raises(FileExistsError, match="incomplete\\) with other settings: sigma 0.5 \\(now 0.4\\)"):
+        translate_volume(generator, exm, out, sigma=0.4, **KW)
+    other = AnisotropicUNet3D(widths=(4, 8, 16))
+    with pytest.raises(FileExistsError, match="generator fingerprint"):
+        translate_volume(other, exm, out, **KW)
+    # same settings: resumed, nothing left to do
+    result = translate_volume(generator, exm, out, **KW)
+    assert (result.blocks_done, result.blocks_skipped) == (0, n_blocks())
+    assert zarr.open_group(str(out), mode="r").attrs["exem"]["complete"] is True
+
+
+def test_read_only_location(generator, exm, tmp_path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: chmod does not stop writes")
+        with pytest.raises(PermissionError, match="not writable"):
+            translate_volume(generator, exm, locked / "sub" / "out.zarr", **KW)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_unwritable_location_is_refused_before_compute(generator, exm, tmp_path, monkeypatch) -> None:
+    """The same check when chmod cannot be used (root): os.access says no."""
+    import exem.inference.translate as translate
+
+    real = os.access
+    monkeypatch.setattr(
+        translate.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode)
+    )
+    with pytest.raises(PermissionError, match=f"cannot create it, {tmp_path} is not writable"):
+        translate_volume(generator, exm, tmp_path / "out.zarr", **KW)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+# ------------------------------------------------------------------------------------ subprocesses
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import torch
+    from exem.models.unet import AnisotropicUNet3D
+    from exem.inference.translate import translate_volume
+
+
+    class SlowUNet(AnisotropicUNet3D):
+        delay = 0.0
+
+        def forward(self, x):
+            time.sleep(self.delay)
+            return super().forward(x)
+
+
+    if __name__ == "__main__":
+        state, src, dst, delay, devices, kw = sys.argv[1:7]
+        g = SlowUNet(widths=(4, 8, 16))
+        g.load_state_dict(torch.load(state, weights_only=True))
+        g.eval()
+        g.delay = float(delay)
+        trainer = None
+        if int(devices) > 1:
+            import lightning as L
+
+            trainer = L.Trainer(
+                strategy="ddp", accelerator="cpu", devices=int(devices), logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            )
+        result = translate_volume(g, src, dst, trainer=trainer, **json.loads(kw))
+        if trainer is not None:  # which blocks this rank computed (a file: ranks share stdout)
+            with open(f"{dst}.rank{trainer.global_rank}.json", "w") as f:
+                json.dump(trainer.datamodule.shard, f)
+    """
+)
+
+
+def script_cmd(tmp_path: Path, state: Path, src: Path, dst: Path, delay: float, devices: int) -> list[str]:
+    script = tmp_path / "run_translate.py"
+    script.write_text(SCRIPT)
+    return [
+        sys.executable,
+        str(script),
+        str(state),
+        str(src),
+        str(dst),
+        str(delay),
+        str(devices),
+        json.dumps(KW),
+    ]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONWARNINGS"] = "ignore"
+    e["OMP_NUM_THREADS"] = "1"  # like this process (one_thread), so results are comparable bit for bit
+    return e
+
+
+def markers(out: Path, level: int) -> set[str]:
+    d = out / DONE_DIR / str(level)
+    return {n for n in os.listdir(d) if not n.startswith(".")} if d.is_dir() else set()
+
+
+def test_resume_after_sigkill(state_path, exm, reference, tmp_path) -> None:
+    out = tmp_path / "killed.zarr"
+    log_path = tmp_path / "log.txt"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            script_cmd(tmp_path, state_path, exm, out, 0.1, 1),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env(),
+        )
+        deadline = time.monotonic() + 60
+        while len(markers(out, 1)) < 3:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"translation ended before it could be killed:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # right after the kill: every marker has its data
+    done0, done1 = markers(out, 0), markers(out, 1)
+    assert 3 <= len(done1) < n_blocks() and done1 <= done0
+    ref0, ref1 = levels_of(reference[1])
+    got0, got1 = levels_of(out)
+    plan = plan_blocks(SHAPE, KW["patch"], KW["overlap"], **_plan_kw())
+    for b in plan.blocks:
+        z, y, x = b.slices()
+        half = (z, slice(y.start // 2, -(-y.stop // 2)), slice(x.start // 2, -(-x.stop // 2)))
+        if b.id in done0:
+            np.testing.assert_array_equal(got0[z, y, x], ref0[z, y, x], err_msg=b.id)
+        if b.id in done1:
+            np.testing.assert_array_equal(got1[half], ref1[half], err_msg=b.id)
+    assert zarr.open_group(str(out), mode="r").attrs["exem"]["complete"] is False
+    # rerun in this process: only the missing blocks are computed, and the result is the uninterrupted one
+    result = translate_volume(load_generator(state_path), exm, out, **KW)
+    assert result.blocks_skipped == len(done1) and result.blocks_done == n_blocks() - len(done1)
+    got0, got1 = levels_of(out)
+    np.testing.assert_array_equal(got0, ref0)
+    np.testing.assert_array_equal(got1, ref1)
+
+
+def test_ddp_two_processes_bit_identical(state_path, exm, reference, tmp_path) -> None:
+    out = tmp_path / "ddp.zarr"
+    proc = subprocess.run(
+        script_cmd(tmp_path, state_path, exm, out, 0.0, 2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shards = {r: json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)}
+    assert all(shards.values())  # both ranks computed blocks …
+    assert sorted(shards[0] + shards[1]) == list(range(n_blocks()))  # … each block exactly once
+    ref0, ref1 = levels_of(reference[1])
+    got0, got1 = levels_of(out)
+    assert np.array_equal(got0, ref0) and np.array_equal(got1, ref1)
+    assert zarr.open_group(str(out), mode="r").attrs["exem"]["complete"] is True
