@@ -16,8 +16,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+DEMO_DIR ?= outputs/demo/latest
+SYNTH := data/synthetic
+
+# Train on synthetic phantoms, translate the held-out phantom, compare with its EM rendering.
 demo: $(STAMP)
-	$(VENV)/bin/exem-train experiment=demo
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/exem-train experiment=demo hydra.run.dir=$(DEMO_DIR)
+	$(VENV)/bin/exem-translate checkpoint=$(DEMO_DIR)/checkpoints/last.ckpt input=$(SYNTH)/exm_test.zarr \
+		output=$(DEMO_DIR)/virtual_em_test.ome.zarr patch=[8,64,64] trainer=cpu
+	$(PY) -m exem.analysis.compare --exm $(SYNTH)/exm_test.zarr --virtual-em $(DEMO_DIR)/virtual_em_test.ome.zarr \
+		--em $(SYNTH)/em_test.zarr --out $(DEMO_DIR)/translation_test.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -320,3 +320,13 @@ def test_ddp_two_processes_bit_identical(state_path, exm, reference, tmp_path) -
     got0, got1 = levels_of(out)
     assert np.array_equal(got0, ref0) and np.array_equal(got1, ref1)
     assert zarr.open_group(str(out), mode="r").attrs["exem"]["complete"] is True
+
+
+def test_default_reader_processes_follow_the_device() -> None:
+    import lightning as L
+
+    from exem.inference.translate import DEFAULT_NUM_WORKERS, default_num_workers
+
+    cpu = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    assert default_num_workers(cpu) == 0  # on the CPU readers only compete with torch for the cores
+    assert default_num_workers(None) == (DEFAULT_NUM_WORKERS if torch.cuda.is_available() else 0)

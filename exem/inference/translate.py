@@ -262,6 +262,16 @@ def _prepare_output(
         group.attrs["multiscales"] = multiscales
 
 
+def default_num_workers(trainer: L.Trainer | None) -> int:
+    """Reader processes when none are configured: ``DEFAULT_NUM_WORKERS`` for an accelerator, which must be fed
+    while it computes; 0 on the CPU, where compute is the bottleneck and readers would only compete with torch for
+    the same cores (measured on 2 cores: 3.9 s with 0 workers vs 4.0-4.4 s with 1-2, model alone 3.8 s)."""
+    on_cpu = (
+        trainer.strategy.root_device.type == "cpu" if trainer is not None else not torch.cuda.is_available()
+    )
+    return 0 if on_cpu else DEFAULT_NUM_WORKERS
+
+
 def translate_volume(
     generator: nn.Module,
     input: str | Path | Volume | Any,  # noqa: A002 - the natural name, mirrors the config key
@@ -303,7 +313,7 @@ def translate_volume(
         overwrite: delete an existing output first.
         input_level: OME-Zarr level of the input.
         block_shape: (z, y, x) voxels per output block (rounded up to chunks); None → engine default.
-        num_workers: reader processes; None → 2.
+        num_workers: reader processes; None → :func:`default_num_workers`.
         trainer: a Lightning Trainer (e.g. DDP over several devices); None → one device, chosen automatically.
         intensity_range, percentiles: input normalisation (see ``open_volume``); must match training.
         chunks: output chunk shape (z, y, x); None → ``(2·patch_z, 256, 256)`` capped by the shape.
@@ -397,7 +407,7 @@ def translate_volume(
         out_dtype=dtype,
         roi=plan.region,
         block_shape=plan.block_shape,
-        num_workers=DEFAULT_NUM_WORKERS if num_workers is None else int(num_workers),
+        num_workers=default_num_workers(trainer) if num_workers is None else int(num_workers),
         trainer=trainer,
         autocast_dtype=autocast_dtype,
         chunks=chunks3,
