@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BIN = Path(sys.executable).parent
 
@@ -46,3 +47,12 @@ def run_cli(prog: str, *args: str, cwd: Path, timeout: float = 300) -> subproces
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder shared by the CLI tests so the demo phantoms are generated once per session."""
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: tiny networks gain nothing from more, and lose a lot on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

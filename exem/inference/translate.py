@@ -27,6 +27,7 @@ from torch import nn
 from exem.data.ome import create_ome_zarr
 from exem.data.volume import Volume, open_volume
 from exem.inference.engine import (
+    DEFAULT_BLOCK_VOXELS,
     DEFAULT_NUM_WORKERS,
     OUT_DTYPES,
     BlockPlan,
@@ -272,6 +273,16 @@ def default_num_workers(trainer: L.Trainer | None) -> int:
     return 0 if on_cpu else DEFAULT_NUM_WORKERS
 
 
+# Default block budget on the CPU, where the blending buffers live in RAM: 2^26 voxels keep a block's buffers
+# (two float32 accumulators, the context, the cast output) well under 1 GiB.
+CPU_BLOCK_VOXELS = 2**26
+
+
+def default_block_voxels(trainer: L.Trainer | None) -> int:
+    """Voxel budget of the default block shape: the engine's default on an accelerator, less on the CPU."""
+    return CPU_BLOCK_VOXELS if default_num_workers(trainer) == 0 else DEFAULT_BLOCK_VOXELS
+
+
 def translate_volume(
     generator: nn.Module,
     input: str | Path | Volume | Any,  # noqa: A002 - the natural name, mirrors the config key
@@ -354,7 +365,14 @@ def translate_volume(
         if min(chunks3) < 1:
             raise ValueError(f"chunks must be positive, got {list(chunks)}")
     plan = plan_blocks(
-        volume.shape, patch3, overlap3, roi=roi, block_shape=block_shape, chunks=chunks3, levels=LEVELS
+        volume.shape,
+        patch3,
+        overlap3,
+        roi=roi,
+        block_shape=block_shape,
+        chunks=chunks3,
+        levels=LEVELS,
+        block_voxels=default_block_voxels(trainer),
     )
     if volume.voxel_size_nm is None:
         log.warning("%s: voxel size unknown; the output says 1 nm per voxel", volume.path)
