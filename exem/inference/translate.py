@@ -263,14 +263,18 @@ def _prepare_output(
         group.attrs["multiscales"] = multiscales
 
 
+def _on_cpu(trainer: L.Trainer | None) -> bool:
+    """Whether inference runs on the CPU: the trainer's device, or (no trainer) whether CUDA is absent."""
+    if trainer is not None:
+        return trainer.strategy.root_device.type == "cpu"
+    return not torch.cuda.is_available()
+
+
 def default_num_workers(trainer: L.Trainer | None) -> int:
     """Reader processes when none are configured: ``DEFAULT_NUM_WORKERS`` for an accelerator, which must be fed
     while it computes; 0 on the CPU, where compute is the bottleneck and readers would only compete with torch for
     the same cores (measured on 2 cores: 3.9 s with 0 workers vs 4.0-4.4 s with 1-2, model alone 3.8 s)."""
-    on_cpu = (
-        trainer.strategy.root_device.type == "cpu" if trainer is not None else not torch.cuda.is_available()
-    )
-    return 0 if on_cpu else DEFAULT_NUM_WORKERS
+    return 0 if _on_cpu(trainer) else DEFAULT_NUM_WORKERS
 
 
 # Default block budget on the CPU, where the blending buffers live in RAM: 2^26 voxels keep a block's buffers
@@ -280,7 +284,7 @@ CPU_BLOCK_VOXELS = 2**26
 
 def default_block_voxels(trainer: L.Trainer | None) -> int:
     """Voxel budget of the default block shape: the engine's default on an accelerator, less on the CPU."""
-    return CPU_BLOCK_VOXELS if default_num_workers(trainer) == 0 else DEFAULT_BLOCK_VOXELS
+    return CPU_BLOCK_VOXELS if _on_cpu(trainer) else DEFAULT_BLOCK_VOXELS
 
 
 def translate_volume(
