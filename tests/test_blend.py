@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from exem.data.grid import PatchGrid
-from exem.inference.blend import BlendAccumulator, gaussian_window
+from exem.inference.blend import BlendAccumulator, ZStreamBlender, gaussian_window
 
 
 @pytest.mark.parametrize("sigma", [0.5, 0.3, 0.2])
@@ -80,3 +80,50 @@ def test_accumulator_ignores_patches_outside_and_detects_gaps() -> None:
     acc.add(torch.ones(2, 2, 4, 4), (0, 2, 2))  # covers part of the box only
     with pytest.raises(RuntimeError, match="covered by no patch"):
         acc.result()
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap", "box"),
+    [
+        ((10, 40, 33), (4, 16, 16), (2, 8, 8), None),
+        ((13, 20, 20), (5, 8, 8), (4, 2, 2), None),  # stride 1 in Z: every slice has its own row
+        ((12, 50, 40), (5, 16, 16), (3, 10, 2), ((2, 10, 7), (6, 25, 20))),  # rows straddle the box's Z ends
+        ((1, 30, 30), (1, 16, 16), (0, 6, 6), None),
+    ],
+)
+def test_zstream_equals_full_accumulator(shape, patch, overlap, box) -> None:
+    """Streaming along Z gives bit-identical values to the whole-box accumulator, in ordered, covering slabs."""
+    grid = PatchGrid(shape, patch, overlap)
+    start, bshape = box if box is not None else ((0, 0, 0), shape)
+    window = gaussian_window(patch, 0.5)
+    full = BlendAccumulator(start, bshape, window)
+    stream = ZStreamBlender(start, bshape, window)
+    gen = torch.Generator().manual_seed(0)
+    slabs = []
+    for s in grid:
+        pred = torch.rand((2, *patch), generator=gen)
+        full.add(pred, s)
+        slabs += stream.add(pred, s)
+    slabs += stream.finish()
+    z = 0
+    for z0, values in slabs:
+        assert z0 == z and values.shape[0] == 2 and tuple(values.shape[2:]) == bshape[1:]
+        z += values.shape[1]
+    assert z == bshape[0]
+    assert torch.equal(torch.cat([v for _, v in slabs], dim=1), full.result())
+    # memory: the stream never holds more than one patch depth of Z slices
+    assert stream._acc is None or stream._acc.weight.shape[0] <= patch[0]
+
+
+def test_zstream_rejects_unordered_rows_and_gaps() -> None:
+    window = gaussian_window((2, 4, 4))
+    stream = ZStreamBlender((0, 0, 0), (6, 4, 4), window)
+    with pytest.raises(RuntimeError, match="no patch"):
+        stream.add(torch.ones(1, 2, 4, 4), (2, 0, 0))  # slices 0:2 would never be covered
+    stream = ZStreamBlender((0, 0, 0), (6, 4, 4), window)
+    stream.add(torch.ones(1, 2, 4, 4), (0, 0, 0))
+    stream.add(torch.ones(1, 2, 4, 4), (2, 0, 0))
+    with pytest.raises(ValueError, match="increasing Z"):
+        stream.add(torch.ones(1, 2, 4, 4), (0, 0, 0))
+    with pytest.raises(RuntimeError, match="no patch"):
+        stream.finish()  # slices 4:6 were never covered

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from exem.inference.blend import BlendAccumulator, gaussian_window
+from exem.inference.blend import BlendAccumulator, ZStreamBlender, gaussian_window
 
 _LAZY = {
     "BlockPlan": "exem.inference.engine",
@@ -25,7 +25,7 @@ _LAZY = {
     "weights_fingerprint": "exem.inference.translate",
 }
 
-__all__ = ["BlendAccumulator", "gaussian_window", *_LAZY]
+__all__ = ["BlendAccumulator", "ZStreamBlender", "gaussian_window", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,6 +3,9 @@
 Each output voxel is ``Σ_p w_p · net(patch p) / Σ_p w_p`` over the patches ``p`` that cover it, with ``w`` the
 Gaussian bump of :func:`gaussian_window` placed at each patch. :class:`BlendAccumulator` keeps the two sums for
 one box (an output block) on the device; patches may stick out of the box (only their intersection counts).
+:class:`ZStreamBlender` gives the same values while holding the sums of at most one patch depth of Z slices:
+patches arrive in the global grid's order (Z outermost), so every Z slice above the current patch row is final
+and is handed back as soon as the row changes.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["BlendAccumulator", "gaussian_window"]
+__all__ = ["BlendAccumulator", "ZStreamBlender", "gaussian_window"]
 
 
 def gaussian_window(
@@ -118,3 +121,93 @@ class BlendAccumulator:
         if not bool((self.weight > 0).all()):
             raise RuntimeError("BlendAccumulator.result: some voxels of the box are covered by no patch")
         return self.acc.div_(self.weight)
+
+
+class ZStreamBlender:
+    """The blend of :class:`BlendAccumulator` over a box, streamed along Z with bounded memory.
+
+    Patches must be added in non-decreasing order of their Z start (the global grid's C order). The float32
+    sums are kept only for the Z slices the current patch row can touch (``[z, z + pz)`` ∩ box): when a patch
+    of a new row arrives, the slices above it are final, divided and returned, and the rest is carried over.
+    Per voxel the sums run over the same patches in the same order as :class:`BlendAccumulator`'s, so the
+    values are bit-identical; the memory is ``2 · pz`` instead of ``2 · Z`` slices of the box (channels apart).
+
+    Args:
+        box_start: (z, y, x) of the box's first voxel, in the coordinates of the patch starts.
+        box_shape: (Z, Y, X) of the box in voxels.
+        window: ``(pz, py, px)`` float32 weights (:func:`gaussian_window`) on the target device.
+
+    :meth:`add` and :meth:`finish` return the finalised slabs as ``(z0, values)``: ``z0`` relative to the
+    box, ``values`` a ``(C, dz, Y, X)`` float32 tensor. Slabs come in order and cover the box exactly once.
+    """
+
+    def __init__(self, box_start: Sequence[int], box_shape: Sequence[int], window: Tensor) -> None:
+        self.box_start = tuple(int(v) for v in box_start)
+        self.box_shape = tuple(int(v) for v in box_shape)
+        self.window = window
+        self.depth = int(window.shape[0])
+        self._row: int | None = None  # Z start of the current patch row
+        self._acc: BlendAccumulator | None = None  # sums of box slices [_lo, _hi) (global Z)
+        self._lo = self._hi = self.box_start[0]
+        self._next = self.box_start[0]  # first box slice (global Z) not handed back yet
+
+    @property
+    def _z_end(self) -> int:
+        return self.box_start[0] + self.box_shape[0]
+
+    def add(self, out: Tensor, start: Sequence[int]) -> list[tuple[int, Tensor]]:
+        """Add one patch prediction ``(C, pz, py, px)`` at ``start`` (z, y, x); returns the slabs it finalised."""
+        z = int(start[0])
+        done: list[tuple[int, Tensor]] = []
+        if z != self._row:
+            if self._row is not None and z < self._row:
+                raise ValueError(
+                    f"ZStreamBlender: patch rows must come in increasing Z ({z} after {self._row})"
+                )
+            done = self._release(min(z, self._z_end))
+            self._move(z)
+        if self._acc is not None:
+            self._acc.add(out, start)
+        return done
+
+    def finish(self) -> list[tuple[int, Tensor]]:
+        """The remaining slabs, down to the end of the box (call once, after the last :meth:`add`)."""
+        return self._release(self._z_end)
+
+    def _move(self, z: int) -> None:
+        """Start patch row ``z``: a new window ``[max(z, box z0), min(z + pz, box end))`` with the carried sums."""
+        lo, hi = max(z, self.box_start[0]), min(z + self.depth, self._z_end)
+        old, old_lo, old_hi = self._acc, self._lo, self._hi
+        self._row = z
+        if hi <= lo:  # this row does not reach into the box
+            self._acc, self._lo, self._hi = None, lo, lo
+            return
+        acc = BlendAccumulator((lo, *self.box_start[1:]), (hi - lo, *self.box_shape[1:]), self.window)
+        keep = old_hi - max(lo, old_lo)
+        if old is not None and keep > 0:
+            off = max(lo, old_lo) - old_lo
+            acc.weight[:keep] = old.weight[off : off + keep]
+            if old.acc is not None:
+                acc.acc = torch.zeros(
+                    (old.acc.shape[0], *acc.box_shape), dtype=torch.float32, device=acc.weight.device
+                )
+                acc.acc[:, :keep] = old.acc[:, off : off + keep]
+        self._acc, self._lo, self._hi = acc, lo, hi
+
+    def _release(self, until: int) -> list[tuple[int, Tensor]]:
+        """Divide and hand back the box slices ``[_next, until)``; they must lie in the current window."""
+        if until <= self._next:
+            return []
+        if self._acc is None or self._acc.acc is None or self._next < self._lo or until > self._hi:
+            raise RuntimeError(
+                f"ZStreamBlender: box slices {self._next - self.box_start[0]}:{until - self.box_start[0]}"
+                " are covered by no patch"
+            )
+        a, b = self._next - self._lo, until - self._lo
+        weight = self._acc.weight[a:b]
+        if not bool((weight > 0).all()):
+            raise RuntimeError("ZStreamBlender: some voxels of the box are covered by no patch")
+        values = self._acc.acc[:, a:b] / weight
+        z0 = self._next - self.box_start[0]
+        self._next = until
+        return [(z0, values)]

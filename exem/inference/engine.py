@@ -21,7 +21,8 @@ How it works
   bit-identical outputs.
 - Reading: :class:`BlockDataset` (one item = one block's context in the raw dtype) in DataLoader workers.
 - Compute: :class:`BlockPredictor` (a LightningModule) normalises on the device, cuts the patches, runs the
-  network in batches, blends into device buffers and casts on the device.
+  network in batches, blends on the device streaming along Z (float32 sums for one patch depth of slices at a
+  time, :class:`~exem.inference.blend.ZStreamBlender`) and casts each finished slab into the block's output.
 - Writing: :class:`BlockWriter` (a ``BasePredictionWriter``) writes each block, and its in-plane 2× pyramid
   levels, on a background thread and only then creates the block's done-markers
   ``<output>/.exem_done/<level>/<block-id>`` (atomically). A rerun skips blocks whose markers all exist.
@@ -58,7 +59,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from exem.data.grid import AXIS_NAMES, PatchGrid
 from exem.data.ome import downsample_inplane
 from exem.data.volume import Volume
-from exem.inference.blend import BlendAccumulator, gaussian_window
+from exem.inference.blend import ZStreamBlender, gaussian_window
 
 __all__ = [
     "DEFAULT_BLOCK_VOXELS",
@@ -82,10 +83,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Default block size budget in voxels (2^29 = 537 M). A block needs about 10 bytes per voxel on the device
-# (float32 sums of weighted predictions and of weights, the raw context, the cast output): ~5.5 GB besides the
-# network. Duplicate work at block borders for patch 16×256×256 with 25 % overlap: 0 % up to 2^29 voxels
-# (one block), ~16 % for 200×4000×4000, ~24-31 % for very large volumes (blocks of 128×2048×2048).
+# Default block size budget in voxels (2^29 = 537 M). A block holds its raw context and its cast output on the
+# device (~2-6 bytes per voxel); the float32 blending sums exist for one patch depth of Z slices at a time
+# (ZStreamBlender): ~2-3 GB besides the network for uint8 in and out. Duplicate work at block borders for
+# patch 16×256×256 with 25 % overlap: 0 % up to 2^29 voxels (one block), ~16 % for 200×4000×4000, ~24-31 %
+# for very large volumes (blocks of 128×2048×2048).
 DEFAULT_BLOCK_VOXELS = 2**29
 DEFAULT_NUM_WORKERS = 2
 # Blocks waiting to be written (each holds a whole block on the host).
@@ -672,21 +674,40 @@ class BlockPredictor(L.LightningModule):
             raw = raw.to(torch.int64).bitwise_and_(self._unsigned_mask)
         return raw.to(torch.float32, copy=True).sub_(self._lo).mul_(self._scale).clamp_(0.0, 1.0)
 
-    def blend_block(self, block: Block, raw: Tensor) -> Tensor:
-        """The blended prediction of one block.
+    def predict_block(self, block: Block, raw: Tensor) -> Tensor:
+        """The blended, cast prediction of one block.
+
+        Patches run through the network in batches, in the global grid's order; the Gaussian blend is streamed
+        along Z (:class:`~exem.inference.blend.ZStreamBlender`), so the float32 sums exist for one patch depth
+        of Z slices at a time, and each finished slab is checked and cast straight into the output.
 
         Args:
             block: a block of :attr:`plan`.
             raw: the block's raw context ``(cz, cy, cx)`` (any device; moved to this module's device).
 
         Returns:
-            ``(C, bz, by, bx)`` float32 tensor on the device.
+            ``(C, bz, by, bx)`` tensor of ``out_dtype`` on the device.
+
+        Raises:
+            ValueError: non-finite values in the blended output (the block is not written).
         """
         device = self.device
         raw = raw.to(device, non_blocking=True)
         c0 = block.context_start
         pz, py, px = block.patch
-        acc = BlendAccumulator(block.start, block.shape, self.window(device))
+        blender = ZStreamBlender(block.start, block.shape, self.window(device))
+        result: Tensor | None = None
+
+        def emit(slabs: list[tuple[int, Tensor]]) -> None:
+            nonlocal result
+            for z0, values in slabs:
+                if not bool(torch.isfinite(values).all()):
+                    self._non_finite(block)
+                if result is None:
+                    out_dtype = getattr(torch, self.out_dtype)
+                    result = torch.empty((values.shape[0], *block.shape), dtype=out_dtype, device=device)
+                result[:, z0 : z0 + values.shape[1]] = self.cast(values)
+
         starts = list(block.patches())
         autocast = torch.autocast(
             device_type=device.type,
@@ -713,11 +734,23 @@ class BlockPredictor(L.LightningModule):
             with autocast:
                 out = self.net(x)
             for j, start in enumerate(chunk):
-                acc.add(out[j], start)
-        return acc.result()
+                emit(blender.add(out[j], start))
+        emit(blender.finish())
+        assert result is not None
+        return result
+
+    def _non_finite(self, block: Block) -> None:
+        o = self.plan.origin
+        where = ", ".join(
+            f"{n} {o[ax] + block.start[ax]}:{o[ax] + block.stop[ax]}" for ax, n in enumerate(AXIS_NAMES)
+        )
+        raise ValueError(
+            f"non-finite values (NaN/Inf) in the output of block {block.id} (input {where});"
+            " is the input finite? The block is not marked done"
+        )
 
     def cast(self, out: Tensor) -> Tensor:
-        """Cast a blended float32 prediction on its device: uint8 ``clip(round(255·x), 0, 255)``, else as is."""
+        """Cast blended float32 values on their device: uint8 ``clip(round(255·x), 0, 255)``, else as is."""
         if self.out_dtype == "uint8":
             return out.mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
         if self.out_dtype == "float16":
@@ -729,17 +762,7 @@ class BlockPredictor(L.LightningModule):
     ) -> tuple[int, Any]:
         index, raw = batch
         block = self.plan.blocks[int(index)]
-        out = self.blend_block(block, raw)
-        if not bool(torch.isfinite(out).all()):
-            o = self.plan.origin
-            where = ", ".join(
-                f"{n} {o[ax] + block.start[ax]}:{o[ax] + block.stop[ax]}" for ax, n in enumerate(AXIS_NAMES)
-            )
-            raise ValueError(
-                f"non-finite values (NaN/Inf) in the output of block {block.id} (input {where});"
-                " is the input finite? The block is not marked done"
-            )
-        return int(index), self.cast(out).cpu().numpy()
+        return int(index), self.predict_block(block, raw).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------

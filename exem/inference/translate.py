@@ -233,8 +233,10 @@ def _prepare_output(
     chunks: tuple[int, int, int],
     origin: tuple[int, int, int],
     attributes: dict,
+    name: str = OUTPUT_NAME,
 ) -> None:
-    """Create the OME-Zarr output (runs once, on global rank 0, inside the Lightning run)."""
+    """Create the OME-Zarr output (runs once, on global rank 0, inside the Lightning run); ``name`` is the
+    multiscales name."""
     out = Path(path)
     if action == "resume":
         return
@@ -251,7 +253,7 @@ def _prepare_output(
         voxel_size_nm,
         chunks=chunks,
         factors=[(1, 2**lvl, 2**lvl) for lvl in range(LEVELS)],
-        name=OUTPUT_NAME,
+        name=name,
         attributes={"exem": attributes},
     )
     if any(origin):
@@ -277,8 +279,8 @@ def default_num_workers(trainer: L.Trainer | None) -> int:
     return 0 if _on_cpu(trainer) else DEFAULT_NUM_WORKERS
 
 
-# Default block budget on the CPU, where the blending buffers live in RAM: 2^26 voxels keep a block's buffers
-# (two float32 accumulators, the context, the cast output) well under 1 GiB.
+# Default block budget on the CPU, where the block buffers live in RAM: with 2^26 voxels a translation peaked at
+# 1.17 GiB RSS on a 2-core machine (benchmarks/RESULTS.md), 2^27 at 1.58 GiB; the target is < 2 GiB.
 CPU_BLOCK_VOXELS = 2**26
 
 
