@@ -7,6 +7,7 @@ Public API (imported lazily, so ``import exem`` stays fast)::
     exem.open_volume, exem.PatchGrid                          # volumes and the patch grid
     exem.load_generator, exem.export_generator                # generators from checkpoints / exports / .pth
     exem.translate_volume                                     # whole-volume ExM → virtual EM
+    exem.segment_volume, exem.load_segmenter                  # EM-trained segmenters on (virtual) EM
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _LAZY = {
     "PatchGrid": "exem.data",
     "train": "exem.train",
     "translate_volume": "exem.inference",
+    "segment_volume": "exem.analysis.segment",
+    "load_segmenter": "exem.analysis.segment",
     "load_generator": "exem.checkpoints",
     "export_generator": "exem.checkpoints",
 }

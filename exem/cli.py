@@ -5,6 +5,7 @@ User errors (bad paths, bad data, bad config) end with one line on stderr and ex
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -40,6 +41,17 @@ def _wandb_offline() -> bool:
 OmegaConf.register_new_resolver("exem_wandb_offline", _wandb_offline, replace=True)
 CONF_DIR = _conf_dir()
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, MissingMandatoryValue)
+# OS errors that are about the user's environment, not a bug: full disk or quota, read-only or forbidden location.
+_ENV_ERRNOS = ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EISDIR")
+USER_OS_ERRNOS = frozenset(getattr(errno, name) for name in _ENV_ERRNOS if hasattr(errno, name))
+# Exceptions named here are user errors too (matched by name: importing Lightning here would slow every CLI).
+USER_ERROR_NAMES = frozenset({"MisconfigurationException"})  # Lightning: e.g. Trainer(devices=0)
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, USER_ERRORS) or type(err).__name__ in USER_ERROR_NAMES:
+        return True
+    return isinstance(err, OSError) and err.errno in USER_OS_ERRNOS
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
@@ -47,7 +59,7 @@ def _user_error(exc: BaseException) -> BaseException | None:
     seen: BaseException | None = exc
     visited: set[int] = set()
     while seen is not None and id(seen) not in visited:
-        if isinstance(seen, USER_ERRORS):
+        if _is_user_error(seen):
             return seen
         visited.add(id(seen))
         seen = seen.__cause__ or seen.__context__
@@ -77,6 +89,9 @@ def _one_line(err: BaseException) -> str:
     """
     if isinstance(err, MissingMandatoryValue):
         return f"missing mandatory config value {err.full_key}"
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}"
     text = str(err)
     if "Original Traceback" in text:
         last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
@@ -105,6 +120,57 @@ def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return deco
 
 
+def _config_error_line(exc: BaseException) -> str:
+    """A Hydra / OmegaConf error (unknown key, bad override, missing config group option) on one line."""
+    text = str(exc).split("Config search path:")[0]  # (Hydra lists its search path after a missing option)
+    text = " ".join(text.split())
+    override = getattr(exc, "override", None)
+    if isinstance(override, str) and override not in text:
+        text = f"bad override {override!r}: {text}"
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0].strip()
+        if first and first not in text:
+            text = f"{text} ({first})"
+    return text or type(exc).__name__
+
+
+def config_errors_one_line(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Around a ``hydra.main``: configuration errors (unknown key, bad override, …) become one line and exit 1.
+
+    Hydra prints these itself over several lines; here it re-raises them (``HYDRA_FULL_ERROR=1`` while the
+    command runs) and they are printed as ``<prog>: error: <message>``. With ``HYDRA_FULL_ERROR=1`` set by the
+    user, Hydra's full report is kept.
+    """
+
+    def deco(main: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(main)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from hydra.errors import HydraException
+            from omegaconf.errors import OmegaConfBaseException
+
+            user_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+            previous = os.environ.get("HYDRA_FULL_ERROR")
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+            try:
+                return main(*args, **kwargs)
+            except (HydraException, OmegaConfBaseException) as exc:
+                if user_full:
+                    raise
+                print(f"{prog}: error: {_config_error_line(exc)}", file=sys.stderr)
+                sys.exit(1)
+            finally:
+                if previous is None:
+                    os.environ.pop("HYDRA_FULL_ERROR", None)
+                else:
+                    os.environ["HYDRA_FULL_ERROR"] = previous
+
+        return wrapper
+
+    return deco
+
+
+@config_errors_one_line("exem-train")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @one_line_errors("exem-train")
 def train_main(cfg: DictConfig) -> float | None:
@@ -126,6 +192,7 @@ def train_main(cfg: DictConfig) -> float | None:
     return result.metric
 
 
+@config_errors_one_line("exem-synth")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="synth")
 @one_line_errors("exem-synth")
 def synth_main(cfg: DictConfig) -> None:
@@ -139,6 +206,7 @@ def synth_main(cfg: DictConfig) -> None:
         print(f"{name:14s} {path}")
 
 
+@config_errors_one_line("exem-export")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 @one_line_errors("exem-export")
 def export_main(cfg: DictConfig) -> None:
@@ -164,36 +232,26 @@ def export_main(cfg: DictConfig) -> None:
         print(f"onnx check: max |onnx - torch| = {diff:.3g} (onnxruntime CPU, tolerance 1e-4)")
 
 
+@config_errors_one_line("exem-translate")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="translate")
 @one_line_errors("exem-translate")
 def translate_main(cfg: DictConfig) -> None:
     """``exem-translate``: a whole ExM volume (or ROI) → virtual EM OME-Zarr, resumable, on one or many devices."""
-    from hydra.utils import instantiate
-
     from exem.checkpoints import load_generator
     from exem.inference import translate_volume
-    from exem.train import check_missing, default_precision
+    from exem.train import check_missing
 
     _tidy_logging()
     check_missing(cfg)
-    generator = load_generator(cfg.checkpoint)
+    generator = load_generator(cfg.checkpoint, widths=None if cfg.widths is None else list(cfg.widths))
     # Normalise the input as the generator's training data were, unless the command line says otherwise.
     trained = getattr(generator, "lm_normalization", None) or {}
     intensity_range = cfg.intensity_range
     percentiles = cfg.percentiles
     if intensity_range is None and percentiles is None:
         intensity_range, percentiles = trained.get("intensity_range"), trained.get("percentiles")
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_cfg.get("precision") is None:
-        trainer_cfg["precision"] = default_precision(trainer_cfg.get("accelerator"))
-    trainer_cfg.update(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer = instantiate(trainer_cfg, callbacks=[])
-
-    def seq(value: Any) -> list | None:
-        return None if value is None else list(value)
-
+    trainer = _inference_trainer(cfg)
+    seq = _seq
     result = translate_volume(
         generator,
         cfg.input,
@@ -211,6 +269,8 @@ def translate_main(cfg: DictConfig) -> None:
         trainer=trainer,
         intensity_range=seq(intensity_range),
         percentiles=seq(percentiles),
+        resample=bool(cfg.resample),
+        output_scale=str(cfg.output_scale),
     )
     if trainer.is_global_zero:
         z, y, x = result.shape
@@ -218,3 +278,165 @@ def translate_main(cfg: DictConfig) -> None:
             f"exem-translate: {z}×{y}×{x} voxels in {result.seconds:.1f} s ({result.mvox_per_s:.2f} Mvox/s), "
             f"{result.blocks_done} blocks computed, {result.blocks_skipped} resumed → {result.output}"
         )
+        if result.resampled:
+            nm = "×".join(f"{v:g}" for v in result.voxel_size_nm or ())
+            print(
+                f"  resampled on the fly to the model's voxel size; output at the {result.resampled}'s: {nm} nm"
+            )
+
+
+def _inference_trainer(cfg: DictConfig) -> Any:
+    """A Lightning Trainer for inference from ``cfg.trainer`` (no logger, checkpoints or Lightning bars)."""
+    from hydra.utils import instantiate
+
+    from exem.train import default_precision
+
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.get("precision") is None:
+        trainer_cfg["precision"] = default_precision(trainer_cfg.get("accelerator"))
+    trainer_cfg.update(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    return instantiate(trainer_cfg, callbacks=[])
+
+
+def _seq(value: Any) -> list | None:
+    return None if value is None else list(value)
+
+
+def _segment_kwargs(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of ``segment_volume`` from a config node (None = sidecar or default)."""
+
+    def opt(key: str, cast: Callable[[Any], Any]) -> Any:
+        value = cfg.get(key)
+        return None if value is None else cast(value)
+
+    return {
+        "kind": opt("kind", str),
+        "threshold": opt("threshold", float),
+        "normalize": _seq(cfg.get("normalize")),
+        "percentiles": _seq(cfg.get("percentiles")),
+        "patch": _seq(cfg.get("patch")),
+        "overlap": _seq(cfg.get("overlap")),
+        "sigma": opt("sigma", float),
+        "batch_size": opt("batch_size", int),
+        "seed_erosion": opt("seed_erosion", int),
+        "min_size": opt("min_size", int),
+    }
+
+
+# Hydra reads `model=...` as a choice of the config group conf/model/ (the generator's), so exem-segment's
+# `model=PATH` reaches its config as `model_file=PATH` (segment_main renames the argument).
+SEGMENT_MODEL_KEY = "model_file"
+
+
+def _rename_cli_key(argv: list[str], key: str, new: str) -> list[str]:
+    """``key=V`` (also ``+key=V``, ``++key=V``) → ``new=V`` in a Hydra command line."""
+    out = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        out.append(f"{new}={value}" if sep and name.lstrip("+") == key else arg)
+    return out
+
+
+@config_errors_one_line("exem-segment")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="segment")
+@one_line_errors("exem-segment")
+def _segment(cfg: DictConfig) -> None:
+    from exem.analysis.segment import segment_volume
+    from exem.train import check_missing
+
+    _tidy_logging()
+    if OmegaConf.is_missing(cfg, SEGMENT_MODEL_KEY):
+        raise ValueError("missing mandatory config value model (set it: model=PATH of a .pt/.ts/.onnx file)")
+    check_missing(cfg)
+    trainer = _inference_trainer(cfg)
+    result = segment_volume(
+        cfg[SEGMENT_MODEL_KEY],
+        cfg.input,
+        cfg.output,
+        **_segment_kwargs(cfg),
+        dtype=str(cfg.dtype),
+        overwrite=bool(cfg.overwrite),
+        roi=_seq(cfg.roi),
+        input_level=int(cfg.input_level),
+        block_shape=_seq(cfg.block_shape),
+        label_block=list(cfg.label_block),
+        max_watershed_voxels=int(cfg.max_watershed_voxels),
+        num_workers=cfg.num_workers,
+        trainer=trainer,
+    )
+    if trainer.is_global_zero:
+        z, y, x = result.shape
+        what = "already complete, nothing computed" if result.already_complete else f"{result.seconds:.1f} s"
+        print(
+            f"exem-segment: {z}×{y}×{x} voxels ({what}), {result.num_objects} objects"
+            f" ({result.kind}, threshold {result.threshold:g}) → {result.output}"
+            f" (labels: {result.labels.name}/, probabilities: {result.probabilities.name}/)"
+        )
+
+
+def segment_main() -> None:
+    """``exem-segment``: an EM-trained TorchScript/ONNX segmenter on a whole volume → probabilities + labels."""
+    sys.argv = _rename_cli_key(sys.argv, "model", SEGMENT_MODEL_KEY)
+    _segment()
+
+
+@config_errors_one_line("exem-evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@one_line_errors("exem-evaluate")
+def evaluate_main(cfg: DictConfig) -> None:
+    """``exem-evaluate``: an EM segmenter on virtual EM vs raw ExM (vs real EM) against labels; CSV + PNG."""
+    from exem.analysis.evaluate import evaluate, format_table
+    from exem.train import check_missing
+
+    _tidy_logging()
+    check_missing(cfg)
+    trainer = _inference_trainer(cfg)
+    tr = cfg.translate
+    result = evaluate(
+        cfg.exm,
+        cfg.checkpoint,
+        cfg.segmenter,
+        cfg.labels,
+        em=cfg.em,
+        out=cfg.out,
+        labels_class=None if cfg.labels_class is None else int(cfg.labels_class),
+        roi=_seq(cfg.roi),
+        exm_intensity_range=_seq(cfg.exm_intensity_range),
+        exm_percentiles=_seq(cfg.exm_percentiles),
+        translate_options={
+            "patch": list(tr.patch),
+            "overlap": _seq(tr.overlap),
+            "batch_size": int(tr.batch_size),
+        },
+        segment_options={k: v for k, v in _segment_kwargs(cfg.segment).items() if v is not None},
+        overwrite=bool(cfg.overwrite),
+        trainer=trainer,
+    )
+    if trainer.is_global_zero:
+        print(f"exem-evaluate: segmenter {cfg.segmenter} against {cfg.labels} ({result.seconds:.1f} s)")
+        print(format_table(result.rows))
+        print(f"  table  {result.csv}\n  figure {result.png}")
+
+
+@config_errors_one_line("exem-train-segmenter")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="segmenter")
+@one_line_errors("exem-train-segmenter")
+def train_segmenter_main(cfg: DictConfig) -> None:
+    """``exem-train-segmenter``: train the built-in EM segmenter on EM phantoms; write TorchScript + sidecars."""
+    import torch
+
+    from exem.analysis.segmenter import train_segmenter
+
+    args = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    args.pop("hydra", None)
+    threads = args.pop("threads", None)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    files = train_segmenter(args.pop("out_dir"), **args)
+    for name, path in files.items():
+        print(f"{name:9s} {path}  (+ {path.with_suffix('.yaml').name})")
+    print(f"trained {files.steps} steps in {files.seconds:.0f} s ({files.parameters} parameters)")
+    for split, scores in (("train", files.train_dice), ("val", files.val_dice)):
+        print(f"  {split:5s} Dice  " + "  ".join(f"{k}={v:.3f}" for k, v in scores.items()))

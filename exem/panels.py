@@ -16,6 +16,9 @@ ROW_TITLES_TRANSLATION = (
 LABEL_HEIGHT = 14
 GAP = 4
 MIN_TILE = 192  # small patches are enlarged (nearest neighbour) to at least this many pixels across
+MASK_ALPHA = 0.45  # opacity of a mask drawn over an image by overlay_mask
+PREDICTION_COLOR = (255, 48, 48)
+TRUTH_COLOR = (40, 200, 255)
 
 
 def middle_slice(volume: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -33,10 +36,11 @@ def middle_slice(volume: torch.Tensor | np.ndarray) -> np.ndarray:
 def grid_panel(
     rows: Sequence[Sequence[np.ndarray]], titles: Sequence[Sequence[str]] | None = None
 ) -> np.ndarray:
-    """Tile ``(Y, X)`` uint8 images (all the same size) into an RGB ``(H, W, 3)`` uint8 panel with titles."""
-    zoom = max(1, MIN_TILE // max(rows[0][0].shape))
-    rows = [[np.kron(img, np.ones((zoom, zoom), dtype=img.dtype)) for img in row] for row in rows]
-    h, w = rows[0][0].shape
+    """Tile ``(Y, X)`` grey or ``(Y, X, 3)`` RGB uint8 images (all the same size) into an RGB ``(H, W, 3)`` uint8
+    panel with titles."""
+    zoom = max(1, MIN_TILE // max(rows[0][0].shape[:2]))
+    rows = [[img.repeat(zoom, axis=0).repeat(zoom, axis=1) for img in row] for row in rows]
+    h, w = rows[0][0].shape[:2]
     ncols = max(len(r) for r in rows)
     label = LABEL_HEIGHT if titles else 0
     canvas = Image.new("RGB", (ncols * (w + GAP) + GAP, len(rows) * (h + label + GAP) + GAP), (255, 255, 255))
@@ -56,6 +60,21 @@ def translation_panel(
     """Panel of ``[real A, fake B, recovered A]`` over ``[real B, fake A, recovered B]`` (middle Z slices)."""
     rows = [[middle_slice(v) for v in row_a], [middle_slice(v) for v in row_b]]
     return grid_panel(rows, ROW_TITLES_TRANSLATION)
+
+
+def overlay_mask(
+    image: np.ndarray,
+    mask: np.ndarray,
+    color: Sequence[int] = PREDICTION_COLOR,
+    alpha: float = MASK_ALPHA,
+) -> np.ndarray:
+    """A ``(Y, X)`` uint8 grey image with the boolean ``(Y, X)`` mask blended in ``color``: ``(Y, X, 3)`` uint8."""
+    if image.shape != mask.shape:
+        raise ValueError(f"overlay_mask: image {image.shape} and mask {mask.shape} differ in shape")
+    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    m = np.asarray(mask, dtype=bool)
+    rgb[m] = (1.0 - alpha) * rgb[m] + alpha * np.asarray(color, dtype=np.float32)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
 def save_panel(panel: np.ndarray, path: str | Path) -> Path:

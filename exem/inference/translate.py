@@ -25,6 +25,7 @@ import zarr
 from torch import nn
 
 from exem.data.ome import create_ome_zarr
+from exem.data.resample import RescaledNetwork, resample_volume, same_voxel_size, scale_roi
 from exem.data.volume import Volume, open_volume
 from exem.inference.engine import (
     DEFAULT_BLOCK_VOXELS,
@@ -44,6 +45,7 @@ __all__ = [
     "TranslateResult",
     "default_chunks",
     "default_overlap",
+    "plan_output",
     "translate_volume",
     "weights_fingerprint",
 ]
@@ -57,6 +59,7 @@ DEFAULT_CHUNK_YX = 256
 # Default overlap of neighbouring patches, as a fraction of the patch (rounded to an even number of voxels).
 DEFAULT_OVERLAP_FRACTION = 0.25
 OUTPUT_NAME = "virtual_em"
+OUTPUT_SCALES = ("input", "model")
 # Settings recorded in the output's "exem" attribute; a resume must match all of them.
 _SETTINGS = (
     "input",
@@ -73,6 +76,7 @@ _SETTINGS = (
     "block_shape",
     "chunks",
     "levels",
+    "scale",
 )
 
 
@@ -88,6 +92,9 @@ class TranslateResult:
         mvox_per_s: ``voxels / seconds / 1e6``.
         blocks_done: blocks computed by this call (all ranks).
         blocks_skipped: blocks already done by an earlier, interrupted call.
+        voxel_size_nm: (z, y, x) nm of the output (None: unknown, written as 1 nm).
+        resampled: ``None``, or the scale the output was written at after resampling: ``"input"`` (patches
+            resampled to the model's voxel size and back) or ``"model"`` (the input read at the model's size).
     """
 
     output: Path
@@ -97,6 +104,8 @@ class TranslateResult:
     mvox_per_s: float
     blocks_done: int
     blocks_skipped: int
+    voxel_size_nm: tuple[float, float, float] | None = None
+    resampled: str | None = None
 
 
 def default_overlap(patch: Sequence[int]) -> tuple[int, int, int]:
@@ -289,6 +298,103 @@ def default_block_voxels(trainer: L.Trainer | None) -> int:
     return CPU_BLOCK_VOXELS if _on_cpu(trainer) else DEFAULT_BLOCK_VOXELS
 
 
+def plan_output(
+    volume: Volume,
+    patch: tuple[int, int, int],
+    overlap: tuple[int, int, int],
+    roi: Sequence[int] | None,
+    chunks: Sequence[int] | None,
+    block_shape: Sequence[int] | None,
+    trainer: L.Trainer | None,
+) -> tuple[BlockPlan, tuple[int, int, int], tuple[float, float, float]]:
+    """The block plan, output chunks and output voxel size of a whole-volume inference run.
+
+    Shared by translation and segmentation: output chunks default to :func:`default_chunks` (else ``chunks``
+    capped by the output shape), blocks to :func:`default_block_voxels` for the trainer's device, and the
+    voxel size to the input's (1 nm with a warning when unknown).
+
+    Raises:
+        ValueError: bad ROI / patch / overlap / chunks / block shape (one line).
+    """
+    region = resolve_region(volume.shape, roi, patch)
+    shape = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
+    if chunks is None:
+        chunks3 = default_chunks(shape, patch)
+    else:
+        chunks3 = tuple(min(int(c), s) for c, s in zip(_triple(chunks, "chunks"), shape, strict=True))
+        if min(chunks3) < 1:
+            raise ValueError(f"chunks must be positive, got {list(chunks)}")
+    plan = plan_blocks(
+        volume.shape,
+        patch,
+        overlap,
+        roi=roi,
+        block_shape=block_shape,
+        chunks=chunks3,
+        levels=LEVELS,
+        block_voxels=default_block_voxels(trainer),
+    )
+    if volume.voxel_size_nm is None:
+        log.warning("%s: voxel size unknown; the output says 1 nm per voxel", volume.path)
+        voxel = (1.0, 1.0, 1.0)
+    else:
+        voxel = tuple(float(v) for v in volume.voxel_size_nm)
+    return plan, chunks3, voxel  # type: ignore[return-value]
+
+
+def _fmt_nm(values: Sequence[float]) -> str:
+    return "×".join(f"{float(v):g}" for v in values) + " nm"
+
+
+def _apply_scale(
+    generator: nn.Module,
+    volume: Volume,
+    roi: Sequence[int] | None,
+    model_nm: Sequence[float] | None,
+    resample: bool,
+    output_scale: str,
+) -> tuple[nn.Module, Volume, Sequence[int] | None, str | None]:
+    """Reconcile the model's and the input's voxel sizes: ``(network, volume, roi, resampled)`` to run with.
+
+    Nothing changes when the sizes agree (within 1 %), when one is unknown, or when ``resample`` is off (then a
+    warning says so). Otherwise ``output_scale="input"`` wraps the generator in a :class:`RescaledNetwork`,
+    and ``"model"`` reads the input through :func:`resample_volume` (the ROI, in input voxels, is scaled).
+    """
+    if output_scale not in OUTPUT_SCALES:
+        raise ValueError(f"output_scale must be one of {', '.join(OUTPUT_SCALES)}, got {output_scale!r}")
+    input_nm = volume.voxel_size_nm
+    if model_nm is None or input_nm is None or same_voxel_size(model_nm, input_nm):
+        if model_nm is not None and input_nm is None:
+            log.warning(
+                "%s: voxel size unknown; the generator was trained at %s, no resampling",
+                volume.path,
+                _fmt_nm(model_nm),
+            )
+        return generator, volume, roi, None
+    if not resample:
+        log.warning(
+            "%s has voxels of %s but the generator was trained at %s; translating without resampling"
+            " (resample=false)",
+            volume.path,
+            _fmt_nm(input_nm),
+            _fmt_nm(model_nm),
+        )
+        return generator, volume, roi, None
+    log.info(
+        "resampling on the fly: input %s, generator trained at %s; output at the %s's scale",
+        _fmt_nm(input_nm),
+        _fmt_nm(model_nm),
+        output_scale,
+    )
+    if output_scale == "input":
+        return RescaledNetwork(generator, input_nm, model_nm), volume, roi, "input"
+    view = resample_volume(volume, model_nm)
+    if roi is not None:
+        scaled = scale_roi(roi, input_nm, model_nm)
+        roi = [min(max(v, 0), view.shape[i // 2]) for i, v in enumerate(scaled)]
+    return generator, view, roi, "model"
+
+
 def translate_volume(
     generator: nn.Module,
     input: str | Path | Volume | Any,  # noqa: A002 - the natural name, mirrors the config key
@@ -310,6 +416,9 @@ def translate_volume(
     chunks: Sequence[int] | None = None,
     autocast_dtype: str | None = None,
     progress: bool = True,
+    resample: bool = True,
+    output_scale: str = "input",
+    model_voxel_size_nm: Sequence[float] | None = None,
 ) -> TranslateResult:
     """Translate a whole ExM volume (or an ROI) to virtual EM and write it as an OME-Zarr pyramid.
 
@@ -321,8 +430,10 @@ def translate_volume(
         output: local folder of the OME-Zarr written (NGFF 0.4, levels ``"0"`` and ``"1"``, voxel size of the
             input; 1 nm with a warning when unknown). An existing complete output needs ``overwrite=True``; an
             incomplete one written with the same settings and weights is resumed.
-        patch: (z, y, x) voxels per network call; Y and X multiples of the generator's ``divisor``.
-        overlap: (z, y, x) overlap of neighbouring patches; None → 25 % of the patch (even, 0 for size 1).
+        patch: (z, y, x) voxels per network call, as the generator sees them (at the model's voxel size when
+            resampling); Y and X multiples of the generator's ``divisor``.
+        overlap: (z, y, x) overlap of neighbouring patches, in the same voxels as ``patch``; None → 25 % of the
+            patch (even, 0 for size 1).
         sigma: Gaussian blending window width on [−1, 1]³ (published 0.5).
         batch_size: patches per network call.
         dtype: ``uint8`` (``clip(round(255·x), 0, 255)``), ``float16`` or ``float32`` (unclipped).
@@ -336,6 +447,13 @@ def translate_volume(
         chunks: output chunk shape (z, y, x); None → ``(2·patch_z, 256, 256)`` capped by the shape.
         autocast_dtype: ``bfloat16``/``float16`` to run the generator under autocast (GPU); None → float32.
         progress: show a progress bar (blocks, Mvox/s) on stderr.
+        resample: when the generator was trained at another voxel size than the input's (``voxel_size_nm`` of
+            :func:`~exem.checkpoints.load_generator`, or ``model_voxel_size_nm``), resample on the fly;
+            False: translate the voxels as they are (with a warning).
+        output_scale: ``input`` (default; the output has the input's voxel grid: each patch is resampled to the
+            model's voxel size and back) or ``model`` (the input is read resampled to the model's voxel size and
+            the output has that voxel size).
+        model_voxel_size_nm: (z, y, x) nm the generator was trained at; None → ``generator.voxel_size_nm``.
 
     The generator is moved to the trainer's device (and put in eval mode) by Lightning and stays there.
 
@@ -359,32 +477,26 @@ def translate_volume(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     volume = _open_input(input, input_level, intensity_range, percentiles)
+    model_nm = (
+        model_voxel_size_nm if model_voxel_size_nm is not None else getattr(generator, "voxel_size_nm", None)
+    )
+    net, volume, roi, resampled = _apply_scale(
+        generator, volume, roi, model_nm, bool(resample), str(output_scale)
+    )
     patch3 = _triple(patch, "patch")
     _check_patch(generator, patch3)
-    overlap3 = default_overlap(patch3) if overlap is None else _triple(overlap, "overlap")
-    region = resolve_region(volume.shape, roi, patch3)
-    shape = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
-    if chunks is None:
-        chunks3 = default_chunks(shape, patch3)
-    else:
-        chunks3 = tuple(min(int(c), s) for c, s in zip(_triple(chunks, "chunks"), shape, strict=True))
-        if min(chunks3) < 1:
-            raise ValueError(f"chunks must be positive, got {list(chunks)}")
-    plan = plan_blocks(
-        volume.shape,
-        patch3,
-        overlap3,
-        roi=roi,
-        block_shape=block_shape,
-        chunks=chunks3,
-        levels=LEVELS,
-        block_voxels=default_block_voxels(trainer),
-    )
-    if volume.voxel_size_nm is None:
-        log.warning("%s: voxel size unknown; the output says 1 nm per voxel", volume.path)
-        voxel = (1.0, 1.0, 1.0)
-    else:
-        voxel = tuple(float(v) for v in volume.voxel_size_nm)
+    if overlap is not None:
+        overlap3 = _triple(overlap, "overlap")
+    if isinstance(net, RescaledNetwork):  # patch and overlap are the model's voxels; the grid is the input's
+        model_patch = patch3
+        patch3 = net.input_patch(model_patch)
+        _check_patch(net, patch3)
+        if overlap is not None:
+            overlap3 = tuple(round(o * p / m) for o, p, m in zip(overlap3, patch3, model_patch, strict=True))  # type: ignore[assignment]
+    if overlap is None:
+        overlap3 = default_overlap(patch3)
+    plan, chunks3, voxel = plan_output(volume, patch3, overlap3, roi, chunks, block_shape, trainer)
+    shape = plan.shape
 
     from exem import __version__
 
@@ -407,6 +519,9 @@ def translate_volume(
             "block_shape": list(plan.block_shape),
             "chunks": list(chunks3),
             "levels": LEVELS,
+            "scale": None
+            if resampled is None
+            else {"output": resampled, "model_voxel_size_nm": [float(v) for v in model_nm]},  # type: ignore[union-attr]
         }
     )
     out = Path(output).expanduser().absolute()
@@ -421,7 +536,7 @@ def translate_volume(
         _prepare_output, str(out), action, shape, dtype, voxel, chunks3, plan.origin, attributes
     )
     result = run_blockwise(
-        generator,
+        net,
         volume,
         out,
         patch=patch3,
@@ -458,5 +573,7 @@ def translate_volume(
         voxels=int(voxels),
         mvox_per_s=rate,
         blocks_done=result.blocks_done,
+        voxel_size_nm=None if volume.voxel_size_nm is None else voxel,  # type: ignore[arg-type]
+        resampled=resampled,
         blocks_skipped=result.blocks_skipped,
     )

@@ -1,0 +1,102 @@
+"""`exem-evaluate` / exem.analysis.evaluate on tiny synthetic data: CSV + PNG with the three rows, user errors."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from exem.analysis.evaluate import COLUMNS, evaluate
+from exem.analysis.metrics import dice
+from exem.models import AnisotropicUNet3D
+from tests.conftest import run_cli
+from tests.segmenters import save_segmenters
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from exem.data.synthetic import write_synthetic_dataset
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    paths = write_synthetic_dataset(tmp / "data", shape=[16, 64, 64])
+    torch.manual_seed(0)
+    ckpt = tmp / "G_AB_1.pth"  # an untrained tiny generator, saved as an ExEM-style state dict
+    torch.save(AnisotropicUNet3D(widths=(4, 8, 16)).state_dict(), ckpt)
+    ts, _ = save_segmenters(tmp / "models")
+    return {"tmp": tmp, "ckpt": ckpt, "seg": ts, **paths}
+
+
+def test_evaluate_cli_writes_table_and_figure(setup: dict[str, Path]) -> None:
+    tmp = setup["tmp"]
+    out = tmp / "eval"
+    proc = run_cli(
+        "exem-evaluate", f"exm={setup['exm_test']}", f"checkpoint={setup['ckpt']}", f"segmenter={setup['seg']}",
+        f"labels={setup['mito_test']}", f"em={setup['em_test']}", f"out={out}", "exm_percentiles=[0.5,99.8]",
+        "translate.patch=[8,64,64]", "segment.patch=[8,32,32]", "trainer=cpu", cwd=tmp,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "evaluation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["input"] for r in rows] == ["em", "virtual_em", "exm"]
+    assert list(rows[0]) == list(COLUMNS)
+    for row in rows:
+        for key in ("dice", "iou", "voi_split", "voi_merge", "adapted_rand_error"):
+            assert math.isfinite(float(row[key])), (row["input"], key)
+        assert 0.0 <= float(row["dice"]) <= 1.0
+    assert math.isfinite(float(rows[1]["psnr"])) and math.isfinite(float(rows[1]["ssim"]))
+    assert rows[0]["psnr"] == "" and rows[2]["ssim"] == ""
+    # the table is what the written segmentations give
+    truth = zarr.open_group(str(setup["mito_test"]), mode="r")["0"][...] > 0
+    for row in rows:
+        pred = zarr.open_group(str(out / f"segment_{row['input']}.zarr" / "labels"), mode="r")["0"][...]
+        assert float(row["dice"]) == pytest.approx(dice(pred > 0, truth), abs=1e-5)
+    assert float(rows[0]["dice"]) > 0.1  # the EM segmenter finds mitochondria on EM
+    png = Image.open(out / "evaluation.png")
+    assert png.size[0] > 3 * 64 and png.size[1] > 3 * 64  # three rows of three tiles
+    assert "virtual_em" in proc.stdout and "adapted_rand_error" in proc.stdout
+    assert str(out / "evaluation.csv") in proc.stdout
+
+
+def test_evaluate_api_semantic_labels_without_em(setup: dict[str, Path]) -> None:
+    out = setup["tmp"] / "eval_api"
+    kw = {
+        "translate_options": {"patch": [8, 64, 64]},
+        "segment_options": {"patch": [8, 32, 32]},
+        "progress": False,
+    }
+    res = evaluate(
+        setup["exm_test"], setup["ckpt"], setup["seg"], setup["labels_test"], labels_class=2, out=out, **kw
+    )
+    assert [r["input"] for r in res.rows] == ["virtual_em", "exm"]
+    assert all(math.isnan(r["psnr"]) for r in res.rows)
+    truth = zarr.open_group(str(setup["labels_test"]), mode="r")["0"][...] == 2
+    pred = zarr.open_group(str(res.segmentations["exm"] / "labels"), mode="r")["0"][...]
+    assert res.rows[1]["iou"] == pytest.approx(
+        np.logical_and(pred > 0, truth).sum() / np.logical_or(pred > 0, truth).sum()
+    )
+    assert res.csv.is_file() and res.png.is_file()
+
+    with pytest.raises(ValueError, match="class 7 does not occur"):
+        evaluate(
+            setup["exm_test"], setup["ckpt"], setup["seg"], setup["labels_test"], labels_class=7, out=out
+        )
+    with pytest.raises(ValueError, match="same sample on the same voxel grid"):
+        evaluate(setup["exm_test"], setup["ckpt"], setup["seg"], np.zeros((4, 8, 8), np.uint32), out=out)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        evaluate(
+            setup["exm_test"],
+            setup["ckpt"],
+            setup["seg"],
+            setup["labels_test"],
+            labels_class=2,
+            out=out,
+            **kw,
+        )
