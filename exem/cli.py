@@ -271,6 +271,8 @@ def translate_main(cfg: DictConfig) -> None:
         percentiles=seq(percentiles),
         resample=bool(cfg.resample),
         output_scale=str(cfg.output_scale),
+        uncertainty=bool(cfg.uncertainty),
+        uncertainty_output=cfg.uncertainty_output,
     )
     if trainer.is_global_zero:
         z, y, x = result.shape
@@ -283,6 +285,8 @@ def translate_main(cfg: DictConfig) -> None:
             print(
                 f"  resampled on the fly to the model's voxel size; output at the {result.resampled}'s: {nm} nm"
             )
+        if result.uncertainty is not None:
+            print(f"  reliability map (std over 8 in-plane flips/rotations) → {result.uncertainty}")
 
 
 def _inference_trainer(cfg: DictConfig) -> Any:

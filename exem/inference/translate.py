@@ -38,6 +38,7 @@ from exem.inference.engine import (
     resolve_region,
     run_blockwise,
 )
+from exem.inference.uncertainty import TTAStd
 
 __all__ = [
     "DEFAULT_CHUNK_YX",
@@ -95,6 +96,7 @@ class TranslateResult:
         voxel_size_nm: (z, y, x) nm of the output (None: unknown, written as 1 nm).
         resampled: ``None``, or the scale the output was written at after resampling: ``"input"`` (patches
             resampled to the model's voxel size and back) or ``"model"`` (the input read at the model's size).
+        uncertainty: the reliability map written with ``uncertainty=True`` (else None).
     """
 
     output: Path
@@ -106,6 +108,7 @@ class TranslateResult:
     blocks_skipped: int
     voxel_size_nm: tuple[float, float, float] | None = None
     resampled: str | None = None
+    uncertainty: Path | None = None
 
 
 def default_overlap(patch: Sequence[int]) -> tuple[int, int, int]:
@@ -196,8 +199,13 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def _inspect_output(out: Path, settings: dict, overwrite: bool, plan: BlockPlan) -> str:
-    """Decide what to do with the output (read-only): ``create`` | ``overwrite`` | ``resume``, or raise."""
+def _inspect_output(
+    out: Path, settings: dict, overwrite: bool, plan: BlockPlan, allow_complete: bool = False
+) -> str:
+    """Decide what to do with the output (read-only): ``create`` | ``overwrite`` | ``resume``, or raise.
+
+    With ``allow_complete``, a complete output written with the same settings gives ``complete`` (nothing to do).
+    """
     exists = out.exists() and not (out.is_dir() and not any(out.iterdir()))
     if not exists:
         anchor = _nearest_existing(out.parent)
@@ -219,9 +227,12 @@ def _inspect_output(out: Path, settings: dict, overwrite: bool, plan: BlockPlan)
         raise FileExistsError(
             f"output {out} exists and is not an exem translation; use overwrite=true or another output"
         )
-    if stored.get("complete"):
-        raise FileExistsError(f"output {out} exists (complete); use overwrite=true")
     diff = _describe_differences(stored, settings)
+    if stored.get("complete"):
+        if allow_complete and not diff:
+            log.info("%s is complete with the same settings; not recomputed", out)
+            return "complete"
+        raise FileExistsError(f"output {out} exists (complete); use overwrite=true")
     if diff:
         raise FileExistsError(
             f"output {out} exists (incomplete) with other settings: {diff}; use overwrite=true to start over"
@@ -419,6 +430,9 @@ def translate_volume(
     resample: bool = True,
     output_scale: str = "input",
     model_voxel_size_nm: Sequence[float] | None = None,
+    uncertainty: bool = False,
+    uncertainty_output: str | Path | None = None,
+    name: str = OUTPUT_NAME,
 ) -> TranslateResult:
     """Translate a whole ExM volume (or an ROI) to virtual EM and write it as an OME-Zarr pyramid.
 
@@ -454,6 +468,11 @@ def translate_volume(
             model's voxel size and back) or ``model`` (the input is read resampled to the model's voxel size and
             the output has that voxel size).
         model_voxel_size_nm: (z, y, x) nm the generator was trained at; None → ``generator.voxel_size_nm``.
+        uncertainty: also write a reliability map: the per-voxel standard deviation of the virtual EM over the 8
+            in-plane symmetries of each patch (:class:`~exem.inference.uncertainty.TTAStd`), float16 in
+            normalised intensity units, same grid and blending, resumable like the virtual EM.
+        uncertainty_output: where to write it; None → ``<output stem>_uncertainty.ome.zarr`` next to ``output``.
+        name: the multiscales name written in the output's metadata.
 
     The generator is moved to the trainer's device (and put in eval mode) by Lightning and stays there.
 
@@ -477,6 +496,7 @@ def translate_volume(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     volume = _open_input(input, input_level, intensity_range, percentiles)
+    roi_arg = roi  # in input voxels (the scale step may rewrite roi)
     model_nm = (
         model_voxel_size_nm if model_voxel_size_nm is not None else getattr(generator, "voxel_size_nm", None)
     )
@@ -525,39 +545,57 @@ def translate_volume(
         }
     )
     out = Path(output).expanduser().absolute()
-    action = _inspect_output(out, settings, bool(overwrite), plan)
+    action = _inspect_output(out, settings, bool(overwrite), plan, allow_complete=bool(uncertainty))
     attributes = {
         **settings,
         "generator_class": type(generator).__name__,
         "complete": False,
         "version": __version__,
     }
-    prepare = functools.partial(
-        _prepare_output, str(out), action, shape, dtype, voxel, chunks3, plan.origin, attributes
-    )
-    result = run_blockwise(
-        net,
-        volume,
-        out,
-        patch=patch3,
-        overlap=overlap3,
-        sigma=sigma,
-        batch_size=batch_size,
-        out_dtype=dtype,
-        roi=plan.region,
-        block_shape=plan.block_shape,
-        num_workers=default_num_workers(trainer) if num_workers is None else int(num_workers),
-        trainer=trainer,
-        autocast_dtype=autocast_dtype,
-        chunks=chunks3,
-        levels=LEVELS,
-        prepare=prepare,
-        progress=progress,
-    )
+    if action == "complete":
+        blocks_done, blocks_skipped, voxels, rank = (
+            0,
+            len(plan.blocks),
+            0,
+            trainer.global_rank if trainer else 0,
+        )
+    else:
+        prepare = functools.partial(
+            _prepare_output,
+            str(out),
+            action,
+            shape,
+            dtype,
+            voxel,
+            chunks3,
+            plan.origin,
+            attributes,
+            name=name,
+        )
+        result = run_blockwise(
+            net,
+            volume,
+            out,
+            patch=patch3,
+            overlap=overlap3,
+            sigma=sigma,
+            batch_size=batch_size,
+            out_dtype=dtype,
+            roi=plan.region,
+            block_shape=plan.block_shape,
+            num_workers=default_num_workers(trainer) if num_workers is None else int(num_workers),
+            trainer=trainer,
+            autocast_dtype=autocast_dtype,
+            chunks=chunks3,
+            levels=LEVELS,
+            prepare=prepare,
+            progress=progress,
+        )
+        blocks_done, blocks_skipped = result.blocks_done, result.blocks_skipped
+        voxels, rank = result.voxels_done, result.global_rank
     seconds = time.perf_counter() - t0
-    voxels = result.voxels_done
     rate = voxels / seconds / 1e6 if seconds > 0 else 0.0
-    if result.global_rank == 0:
+    if rank == 0 and action != "complete":
         log.info(
             "translated %s (%s voxels) in %.1f s, %.2f Mvox/s → %s",
             volume.path,
@@ -572,8 +610,57 @@ def translate_volume(
         seconds=seconds,
         voxels=int(voxels),
         mvox_per_s=rate,
-        blocks_done=result.blocks_done,
+        blocks_done=blocks_done,
         voxel_size_nm=None if volume.voxel_size_nm is None else voxel,  # type: ignore[arg-type]
         resampled=resampled,
-        blocks_skipped=result.blocks_skipped,
+        blocks_skipped=blocks_skipped,
+        uncertainty=None
+        if not uncertainty
+        else _reliability_map(
+            generator,
+            input,
+            out if uncertainty_output is None else Path(uncertainty_output).expanduser().absolute(),
+            dict(
+                patch=patch,
+                overlap=overlap,
+                sigma=sigma,
+                batch_size=batch_size,
+                roi=roi_arg,
+                overwrite=overwrite,
+                input_level=input_level,
+                block_shape=block_shape,
+                num_workers=num_workers,
+                trainer=trainer,
+                intensity_range=intensity_range,
+                percentiles=percentiles,
+                chunks=chunks,
+                autocast_dtype=autocast_dtype,
+                progress=progress,
+                resample=resample,
+                output_scale=output_scale,
+                model_voxel_size_nm=model_voxel_size_nm,
+            ),
+            default=uncertainty_output is None,
+        ),
     )
+
+
+UNCERTAINTY_SUFFIX = "_uncertainty"
+UNCERTAINTY_NAME = "virtual_em_std"
+
+
+def default_uncertainty_path(output: str | Path) -> Path:
+    """``<dir>/<stem>_uncertainty.ome.zarr`` for an output ``<dir>/<stem>.ome.zarr`` (or ``<stem>.zarr``)."""
+    out = Path(output)
+    name = out.name
+    for ext in (".ome.zarr", ".zarr"):
+        if name.endswith(ext):
+            return out.with_name(name[: -len(ext)] + UNCERTAINTY_SUFFIX + ext)
+    return out.with_name(name + UNCERTAINTY_SUFFIX + ".ome.zarr")
+
+
+def _reliability_map(generator: nn.Module, source: Any, out: Path, kwargs: dict, default: bool) -> Path:
+    """Write the TTA standard deviation of ``generator`` over the input (same grid) as float16; its path."""
+    target = default_uncertainty_path(out) if default else out
+    translate_volume(TTAStd(generator), source, target, dtype="float16", name=UNCERTAINTY_NAME, **kwargs)
+    return target

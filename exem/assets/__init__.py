@@ -1,0 +1,1 @@
+"""Data files shipped with exem (the built-in EM segmenter)."""

@@ -1,0 +1,1 @@
+"""TorchScript EM segmenters + sidecars made by ``exem-train-segmenter`` (see ``exem.analysis.segmenter``)."""

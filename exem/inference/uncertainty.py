@@ -1,0 +1,83 @@
+"""Reliability maps: where virtual EM should not be trusted.
+
+A generator that has learnt the data's structure gives (nearly) the same virtual EM for a patch and for a
+rotated or mirrored copy of it; where it hallucinates, the copies disagree. :class:`TTAStd` runs a network on
+the eight in-plane symmetries of a patch (the dihedral group D4: rotations by 0, 90, 180, 270 degrees in Y-X,
+each with and without an X mirror), maps each output back, and returns the per-voxel standard deviation of the
+eight. Z is never rotated into the plane: ExM and EM voxels are anisotropic.
+
+:func:`exem.inference.translate.translate_volume` with ``uncertainty=True`` writes this map next to the virtual
+EM through the same blockwise engine (same grid, blending, resumability and devices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["D4", "TTAStd", "d4_transforms"]
+
+# (quarter turns in Y-X, mirror X): the 8 in-plane symmetries of a patch.
+D4: tuple[tuple[int, bool], ...] = tuple((k, m) for k in range(4) for m in (False, True))
+_YX = (-2, -1)
+
+
+def _forward(x: Tensor, turns: int, mirror: bool) -> Tensor:
+    y = torch.rot90(x, turns, dims=_YX) if turns else x
+    return torch.flip(y, dims=(-1,)) if mirror else y
+
+
+def _inverse(y: Tensor, turns: int, mirror: bool) -> Tensor:
+    y = torch.flip(y, dims=(-1,)) if mirror else y
+    return torch.rot90(y, -turns, dims=_YX) if turns else y
+
+
+def d4_transforms(x: Tensor) -> Iterator[tuple[Tensor, tuple[int, bool]]]:
+    """The 8 in-plane symmetric copies of ``(…, Y, X)`` with their (turns, mirror) keys, identity first."""
+    for turns, mirror in D4:
+        yield _forward(x, turns, mirror), (turns, mirror)
+
+
+class TTAStd(nn.Module):
+    """Per-voxel standard deviation of a network's outputs over the 8 in-plane symmetries of its input.
+
+    ``(B, 1, Z, Y, X)`` in [0, 1] → ``(B, C, Z, Y, X)`` float32 (population standard deviation, same units as the
+    network's output: normalised intensities for a generator). Y and X of the input must both suit the
+    network (rotations swap them). The mean and spread are accumulated with Welford's update in float32.
+
+    Attributes mirrored from ``net`` for the callers that read them: ``divisor``, ``widths``, ``voxel_size_nm``,
+    ``check_input_shape``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        for name in ("divisor", "widths", "voxel_size_nm"):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+
+    def check_input_shape(self, patch: tuple[int, int, int]) -> None:
+        """The network must take the patch and its 90°-rotated copy (Y and X swapped)."""
+        check = getattr(self.net, "check_input_shape", None)
+        d = int(getattr(self.net, "divisor", 1))
+        for shape in (tuple(patch), (patch[0], patch[2], patch[1])):
+            if callable(check):
+                check(shape)
+            elif shape[1] % d or shape[2] % d:
+                raise ValueError(f"patch Y×X = {shape[1]}×{shape[2]} is not divisible by {d}; use a multiple of {d}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean: Tensor | None = None
+        m2: Tensor | None = None
+        for n, (xt, (turns, mirror)) in enumerate(d4_transforms(x), start=1):
+            y = _inverse(self.net(xt), turns, mirror).float()
+            if mean is None or m2 is None:
+                mean, m2 = y.clone(), torch.zeros_like(y)
+                continue
+            delta = y - mean
+            mean += delta / n
+            m2 += delta * (y - mean)
+        assert m2 is not None
+        return (m2 / len(D4)).clamp_min_(0.0).sqrt_()
