@@ -8,6 +8,7 @@ Public API (imported lazily, so ``import exem`` stays fast)::
     exem.load_generator, exem.export_generator                # generators from checkpoints / exports / .pth
     exem.translate_volume                                     # whole-volume ExM → virtual EM
     exem.segment_volume, exem.load_segmenter                  # EM-trained segmenters on (virtual) EM
+    exem.compose_config, exem.train                           # the exem-train job from Python
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _LAZY = {
     "open_volume": "exem.data",
     "PatchGrid": "exem.data",
     "train": "exem.train",
+    "compose_config": "exem.config",
     "translate_volume": "exem.inference",
     "segment_volume": "exem.analysis.segment",
     "load_segmenter": "exem.analysis.segment",

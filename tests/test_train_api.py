@@ -5,29 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 import exem
-from exem.cli import CONF_DIR
+from exem.config import compose_config
 from exem.train import ConfigError, train
 from tests.conftest import DEMO_FAST
 
 
 def _cfg(tmp_path: Path, data_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[*DEMO_FAST, f"paths.data_dir={data_dir}", *overrides],
-            return_hydra_config=True,
-        )
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-        cfg.hydra.runtime.cwd = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_config([*DEMO_FAST, f"paths.data_dir={data_dir}", *overrides], output_dir=tmp_path / "run")
 
 
 def test_import_exem_default_generator_size() -> None:
