@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint format clean
+.PHONY: install demo test test-slow lint format clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,8 @@ install: $(STAMP)
 DEMO_DIR ?= outputs/demo/latest
 SYNTH := data/synthetic
 
-# Train on synthetic phantoms, translate the held-out phantom, compare with its EM rendering.
+# Train on synthetic phantoms, translate the held-out phantom, compare with its EM rendering, then segment
+# mitochondria with the built-in EM-trained segmenter on EM, virtual EM and raw ExM and print the scores.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/exem-train experiment=demo hydra.run.dir=$(DEMO_DIR)
@@ -27,12 +28,28 @@ demo: $(STAMP)
 		output=$(DEMO_DIR)/virtual_em_test.ome.zarr patch=[8,64,64] trainer=cpu
 	$(PY) -m exem.analysis.compare --exm $(SYNTH)/exm_test.zarr --virtual-em $(DEMO_DIR)/virtual_em_test.ome.zarr \
 		--em $(SYNTH)/em_test.zarr --out $(DEMO_DIR)/translation_test.png
+	$(VENV)/bin/exem-evaluate exm=$(SYNTH)/exm_test.zarr checkpoint=$(DEMO_DIR)/checkpoints/last.ckpt \
+		segmenter=exem/assets/segmenters/em_mito.pt labels=$(SYNTH)/mito_test.zarr em=$(SYNTH)/em_test.zarr \
+		out=$(DEMO_DIR)/evaluation translate.patch=[8,64,64] trainer=cpu
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+BENCH_DIR ?= outputs/bench
+
+# CPU benchmarks (--size tiny), each side by side with its yardstick; logs in $(BENCH_DIR), ratios printed last.
+# About 2 minutes on 2 idle cores. GPU sizes: see benchmarks/RESULTS.md.
+bench: $(STAMP)
+	mkdir -p $(BENCH_DIR)
+	$(PY) benchmarks/translate_overhead.py --size tiny --repeats 3 > $(BENCH_DIR)/translate_overhead.log
+	$(PY) benchmarks/bench_translate.py --size tiny --device cpu > $(BENCH_DIR)/translate.log
+	$(PY) benchmarks/bench_train.py --size tiny --device cpu > $(BENCH_DIR)/train.log
+	$(PY) benchmarks/seams.py --png $(BENCH_DIR)/seams.png > $(BENCH_DIR)/seams.log
+	$(PY) benchmarks/ratios.py $(BENCH_DIR)/translate_overhead.log $(BENCH_DIR)/translate.log $(BENCH_DIR)/train.log \
+		$(BENCH_DIR)/seams.log
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -47,9 +47,11 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "ExportedFiles",
+    "check_resume_checkpoint",
     "export_generator",
     "infer_generator_config",
     "load_generator",
+    "trained_normalization",
 ]
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,64 @@ def load_generator(
     return model
 
 
+def trained_normalization(
+    generator: nn.Module,
+    intensity_range: Sequence[float] | None = None,
+    percentiles: Sequence[float] | None = None,
+) -> tuple[Sequence[float] | None, Sequence[float] | None]:
+    """The ``(intensity_range, percentiles)`` to open ExM input for ``generator`` with.
+
+    What the caller gives wins; when both are None, the normalisation the generator's training data had
+    (``generator.lm_normalization``, set by :func:`load_generator` from an ``exem-train`` checkpoint or export),
+    else ``(None, None)``: the input's dtype range.
+    """
+    if intensity_range is not None or percentiles is not None:
+        return intensity_range, percentiles
+    trained = getattr(generator, "lm_normalization", None) or {}
+    return trained.get("intensity_range"), trained.get("percentiles")
+
+
+def check_resume_checkpoint(path: str | os.PathLike[str], model: nn.Module) -> None:
+    """Check, before training resumes from ``path``, that it is an ``exem-train`` checkpoint that fits ``model``.
+
+    The file is read with ``weights_only=True`` and its tensors memory-mapped (not read). Lightning loads it
+    again to resume; this check turns what would be a traceback deep inside Lightning into one line.
+
+    Args:
+        path: the ``ckpt_path`` to resume from.
+        model: the freshly configured :class:`~exem.module.ExEMModule` (its state-dict shapes are compared).
+
+    Raises:
+        CheckpointError: missing, empty, truncated or unsafe file; not an ``exem-train`` checkpoint (e.g. an
+            exported generator or a published ``.pth``); generator widths or other shapes that differ from the
+            configured model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    obj = _torch_load(path, mmap=True)
+    state = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or "optimizer_states" not in obj or "loops" not in obj:
+        raise CheckpointError(
+            f"{path} is not an exem-train checkpoint (found keys like {_keys_like(obj)}); resume from the "
+            "last.ckpt or step*.ckpt of a training run"
+        )
+    hparams = obj.get("hyper_parameters")
+    gen_cfg = hparams.get("generator") if isinstance(hparams, Mapping) else None
+    stated = _as_tuple(gen_cfg.get("widths")) if isinstance(gen_cfg, Mapping) else None
+    wanted = _as_tuple(getattr(getattr(model, "G_AB", None), "widths", None))
+    if stated is not None and wanted is not None and stated != wanted:
+        raise CheckpointError(
+            f"{path}: widths mismatch: checkpoint has generator widths {stated}, config asks for {wanted} "
+            "(model.generator.widths)"
+        )
+    problems = _fit_problems(model, state, skip_empty=True)  # (empty buffers: replay pools, filled later)
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit the configured model: {problems} (check model.* against the run that wrote it)"
+        )
+
+
 def _as_tuple(value: Any) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # lists, tuples, ListConfig
         return tuple(int(v) if isinstance(v, (int, float)) and float(v).is_integer() else v for v in value)
@@ -308,8 +368,8 @@ def _first_line(exc: BaseException) -> str:
     return (text[:200] + "…") if len(text) > 200 else text or type(exc).__name__
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` with one-line errors."""
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors (``mmap``: map, not read, zip-format tensors)."""
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is not a readable checkpoint (empty file)")
     if not os.access(path, os.R_OK):
@@ -317,7 +377,8 @@ def _torch_load(path: Path) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            mmap = bool(mmap) and zipfile.is_zipfile(path)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds for bad files
         names = _unsafe_globals(path, exc)
         if names is not None:
@@ -416,18 +477,17 @@ def _pick_generator(obj: Any, direction: str, path: Path) -> tuple[dict[str, Ten
     return dict(obj), {}, "state_dict"
 
 
-def _check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], path: Path) -> None:
-    """Raise a one-line CheckpointError listing the first missing / unexpected / misshapen keys, if any."""
+def _fit_problems(model: nn.Module, state_dict: Mapping[str, Tensor], skip_empty: bool = False) -> str:
+    """The first missing / unexpected / misshapen keys of ``state_dict`` against ``model``, as one line ("" if it
+    fits). ``skip_empty``: the shapes of empty tensors in the model are not compared."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     misshapen = [
         f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+        if k in state_dict and (v.numel() or not skip_empty) and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
-    if not (missing or unexpected or misshapen):
-        return
     parts = []
     for label, items in (
         ("missing keys", missing),
@@ -437,11 +497,18 @@ def _check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], path: Path) -
         if items:
             more = f", … ({len(items)} in all)" if len(items) > 3 else ""
             parts.append(f"{label} {', '.join(items[:3])}{more}")
-    m = model
-    raise CheckpointError(
-        f"{path}: weights do not fit AnisotropicUNet3D(in_channels={m.in_channels}, "
-        f"out_channels={m.out_channels}, widths={m.widths}): {'; '.join(parts)}"
-    )
+    return "; ".join(parts)
+
+
+def _check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], path: Path) -> None:
+    """Raise a one-line CheckpointError listing the first missing / unexpected / misshapen keys, if any."""
+    problems = _fit_problems(model, state_dict)
+    if problems:
+        m = model
+        raise CheckpointError(
+            f"{path}: weights do not fit AnisotropicUNet3D(in_channels={m.in_channels}, "
+            f"out_channels={m.out_channels}, widths={m.widths}): {problems}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- export

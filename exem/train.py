@@ -76,8 +76,12 @@ def train(cfg: DictConfig) -> TrainResult:
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
     model.check_patch(list(cfg.data.patch_size))
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path {cfg.ckpt_path} does not exist")
+    if cfg.get("ckpt_path"):
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path {cfg.ckpt_path} does not exist")
+        from exem.checkpoints import check_resume_checkpoint
+
+        check_resume_checkpoint(cfg.ckpt_path, model)  # one line for a truncated / foreign / mismatched file
 
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("precision") is None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +44,25 @@ def run_cli(prog: str, *args: str, cwd: Path, timeout: float = 300) -> subproces
     return subprocess.run(
         [str(BIN / prog), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def sigkill_when(
+    cmd: list[str], ready: Callable[[], bool], log_path: Path, timeout_s: float, **popen
+) -> None:
+    """Start ``cmd`` (output to ``log_path``), SIGKILL it as soon as ``ready()`` holds; fail the test if the
+    process ends first or ``timeout_s`` passes."""
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, **popen)
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(
+                    f"{Path(cmd[0]).name} ended before it could be killed:\n{log_path.read_text()[-3000:]}"
+                )
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture(scope="session")

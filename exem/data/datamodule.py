@@ -2,8 +2,11 @@
 
 Randomness: training sample ``i`` is a *global* sample id; everything about it (which volumes, where, which
 augmentation) comes from ``np.random.default_rng([seed, i])``, so a sample does not depend on workers, ranks
-or batch order. :class:`EpochSampler` hands out ids ``e·n … (e+1)·n − 1`` in epoch ``e``; under DDP Lightning
-wraps it in ``DistributedSamplerWrapper``, which shards those ids across ranks.
+or batch order. :class:`EpochSampler` hands out ids ``e·n … (e+1)·n − 1`` in epoch ``e`` and, under DDP, shards
+them across ranks itself (rank r of W takes every W-th id from r). Checkpoints record where the sampler was
+(epoch, batches done), so a resumed run draws exactly what the uninterrupted run would have drawn. The
+DataLoaders get their own ``torch.Generator``, so creating them never advances the global torch RNG (which the
+model's replay buffers draw from).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchio.transforms.augmentation import RandomTransform
 
 from exem.data.grid import AXIS_NAMES, PatchGrid
@@ -81,19 +84,54 @@ def _seeded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, seed: i
 # samplers and datasets
 
 
-class EpochSampler(Sampler[int]):
-    """Yields the global sample ids ``e·n, …, (e+1)·n − 1`` of epoch ``e``.
+class EpochSampler(DistributedSampler):
+    """Yields this process's global sample ids of epoch ``e``: ``e·n, …, (e+1)·n − 1`` on a single process.
 
-    ``e`` is the value of the last :meth:`set_epoch` call (Lightning calls it at every epoch start, also
-    through its ``DistributedSamplerWrapper``), else ``epoch_fn()``, else 0. Lives in the main process only.
+    ``e`` is the value of the last :meth:`set_epoch` call (Lightning calls it at every epoch start), else
+    ``epoch_fn()``, else 0. Under DDP (``world_size`` W > 1) rank r takes ``e·n + r, e·n + r + W, …``: ``n // W``
+    ids each, the same number on every rank and no id on two ranks (the ``n mod W`` ids left over are not
+    drawn). It shards by itself, so it is a ``DistributedSampler`` and Lightning does not wrap it again.
+
+    Exact resumes: :meth:`resume_at` makes the next iteration start ``batches`` batches into an epoch (the first
+    ``batches · batch_size`` ids of this rank are skipped, never read). While an iteration runs,
+    :attr:`position` is ``(epoch, batches handed to training)``; :class:`ExEMDataModule` counts the batches and
+    stores the position in checkpoints. Lives in the main process only.
     """
 
-    def __init__(self, n: int, epoch_fn: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        epoch_fn: Callable[[], int] | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+    ) -> None:
+        # DistributedSampler.__init__ is not called: it wants a dataset and asks torch.distributed for the world.
         if n < 1:
             raise ValueError(f"EpochSampler needs n ≥ 1, got {n}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"EpochSampler: rank {rank} is not in a world of {world_size} process(es)")
+        if n < world_size:
+            raise ValueError(
+                f"data.samples_per_epoch ({n}) must be at least the number of processes ({world_size})"
+            )
+        if batch_size < 1:
+            raise ValueError(f"EpochSampler needs batch_size ≥ 1, got {batch_size}")
         self.n = int(n)
         self.epoch_fn = epoch_fn
+        self.rank = self.global_rank = int(rank)
+        self.num_replicas = self.world_size = int(world_size)
+        self.batch_size = int(batch_size)
+        self.num_samples = self.n // self.world_size
+        self.total_size = self.num_samples * self.world_size
+        self.shuffle = False
+        self.drop_last = True
+        self.seed = 0
         self._epoch: int | None = None
+        self._resume: tuple[int, int] | None = None
+        self.current_epoch: int | None = None  # epoch of the running iteration
+        self.batches_done = 0  # batches of the running iteration handed to training (the DataModule counts)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = int(epoch)
@@ -104,12 +142,40 @@ class EpochSampler(Sampler[int]):
             return self._epoch
         return int(self.epoch_fn()) if self.epoch_fn is not None else 0
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per epoch on this rank (the last one may be smaller)."""
+        return -(-self.num_samples // self.batch_size)
+
+    @property
+    def position(self) -> tuple[int, int] | None:
+        """``(epoch, batches done)`` of the running iteration, or None before the first one."""
+        return None if self.current_epoch is None else (self.current_epoch, self.batches_done)
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start the next iteration ``batches`` batches into ``epoch`` (a whole epoch or more rolls over)."""
+        epoch, batches = int(epoch), int(batches)
+        if epoch < 0 or batches < 0:
+            raise ValueError(f"EpochSampler.resume_at needs epoch, batches ≥ 0, got {epoch}, {batches}")
+        extra, batches = divmod(batches, self.batches_per_epoch)
+        self._resume = (epoch + extra, batches)
+
+    def ids(self, epoch: int) -> range:
+        """This rank's sample ids of ``epoch``, in order."""
+        start = int(epoch) * self.n + self.rank
+        return range(start, start + self.total_size, self.world_size)
+
     def __iter__(self) -> Iterator[int]:
-        e = self.epoch
-        return iter(range(e * self.n, (e + 1) * self.n))
+        if self._resume is not None:
+            epoch, skip = self._resume
+            self._resume = None
+        else:
+            epoch, skip = self.epoch, 0
+        self.current_epoch, self.batches_done = epoch, skip
+        return iter(self.ids(epoch)[skip * self.batch_size :])
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
 
 @dataclass(frozen=True)
@@ -369,7 +435,9 @@ class ExEMDataModule(L.LightningDataModule):
         seed: base seed of all sampling and augmentation.
         augment: random flips on all axes and in-plane 90° rotations during training.
         em_paired: optional EM of the same sample as LM volume 0 (same shape), for paired validation metrics.
-        pin_memory, persistent_workers, prefetch_factor: DataLoader settings (the last two only with workers).
+        pin_memory: page-locked batches for faster, asynchronous host→GPU copies; None = on when the trainer runs
+            on a CUDA device.
+        persistent_workers, prefetch_factor: DataLoader settings (only with workers).
     """
 
     def __init__(
@@ -385,7 +453,7 @@ class ExEMDataModule(L.LightningDataModule):
         seed: int = 0,
         augment: bool = True,
         em_paired: Mapping[str, Any] | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         persistent_workers: bool = False,
         prefetch_factor: int | None = None,
     ) -> None:
@@ -416,7 +484,7 @@ class ExEMDataModule(L.LightningDataModule):
         self.val_patches = int(val_patches)
         self.seed = int(seed)
         self.augment = bool(augment)
-        self.pin_memory = bool(pin_memory)
+        self.pin_memory = None if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.prefetch_factor = None if prefetch_factor is None else int(prefetch_factor)
 
@@ -427,6 +495,8 @@ class ExEMDataModule(L.LightningDataModule):
         self.em_splits: list[Split] = []
         self.train_dataset: UnpairedPatchDataset | None = None
         self.val_dataset: ValidationPatchDataset | None = None
+        self._train_sampler: EpochSampler | None = None
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches) from a checkpoint
 
     # -- setup
 
@@ -514,11 +584,18 @@ class ExEMDataModule(L.LightningDataModule):
         trainer = self.trainer
         return int(trainer.current_epoch) if trainer is not None else 0
 
+    def _pin_memory(self) -> bool:
+        """``pin_memory`` as configured; None → whether the trainer runs this process on a CUDA device."""
+        if self.pin_memory is not None:
+            return self.pin_memory
+        strategy = getattr(self.trainer, "strategy", None)
+        return strategy is not None and strategy.root_device.type == "cuda"
+
     def _loader_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
+            "pin_memory": self._pin_memory(),
         }
         if self.num_workers > 0:
             kw["persistent_workers"] = self.persistent_workers
@@ -534,11 +611,81 @@ class ExEMDataModule(L.LightningDataModule):
         """Random unpaired patches: ``{"A": (B, 1, Z, Y, X), "B": (B, 1, Z, Y, X)}``, float32 in [0, 1]."""
         self._require_setup()
         assert self.train_dataset is not None
-        sampler = EpochSampler(len(self.train_dataset), self._current_epoch)
-        return DataLoader(self.train_dataset, sampler=sampler, drop_last=False, **self._loader_kwargs())
+        trainer = self.trainer
+        sampler = EpochSampler(
+            len(self.train_dataset),
+            self._current_epoch,
+            rank=int(getattr(trainer, "global_rank", 0)),
+            world_size=int(getattr(trainer, "world_size", 1)),
+            batch_size=self.batch_size,
+        )
+        if self._resume_position is not None:
+            sampler.resume_at(*self._resume_position)
+            self._resume_position = None
+        self._train_sampler = sampler
+        return DataLoader(
+            self.train_dataset,
+            sampler=sampler,
+            drop_last=False,
+            generator=self._loader_generator(),
+            **self._loader_kwargs(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Fixed held-out patches: ``{"A", "B"[, "B_paired"]}``, each (B, 1, Z, Y, X) float32 in [0, 1]."""
         self._require_setup()
         assert self.val_dataset is not None
-        return DataLoader(self.val_dataset, shuffle=False, **self._loader_kwargs())
+        return DataLoader(
+            self.val_dataset, shuffle=False, generator=self._loader_generator(), **self._loader_kwargs()
+        )
+
+    def _loader_generator(self) -> torch.Generator:
+        """A private generator for the DataLoader's worker base seed (not the global torch RNG)."""
+        return torch.Generator().manual_seed(self.seed % 2**63)
+
+    # -- exact resumes
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches handed to the model (the sampler's position saved in checkpoints)."""
+        trainer = self.trainer
+        if self._train_sampler is not None and trainer is not None and getattr(trainer, "training", False):
+            self._train_sampler.batches_done += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training sampler is: ``{"epoch", "batches", "samples_per_epoch", "batch_size", "world_size"}``.
+
+        Saved in Lightning checkpoints (called on every rank; the ranks are in step, rank 0's copy is written).
+        """
+        sampler = self._train_sampler
+        position = sampler.position if sampler is not None else None
+        if position is None:
+            position = self._resume_position
+        if position is None:
+            return {}
+        return {
+            "epoch": int(position[0]),
+            "batches": int(position[1]),
+            "samples_per_epoch": self.samples_per_epoch,
+            "batch_size": self.batch_size,
+            "world_size": int(sampler.world_size) if sampler is not None else 1,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue sampling where a checkpoint left off (next training DataLoader starts there)."""
+        if not state:
+            return
+        trainer = self.trainer
+        now = {
+            "samples_per_epoch": self.samples_per_epoch,
+            "batch_size": self.batch_size,
+            "world_size": int(getattr(trainer, "world_size", 1)),
+        }
+        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+        if changed:
+            log.warning(
+                "resuming with other sampling settings (%s): patches are drawn from the start of the epoch",
+                ", ".join(f"{k} {old} → {new}" for k, (old, new) in changed.items()),
+            )
+            return
+        self._resume_position = (int(state["epoch"]), int(state["batches"]))

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["AnisotropicUNet3D", "ResidualTripleConv3D", "group_count"]
 
@@ -133,6 +135,9 @@ class AnisotropicUNet3D(nn.Module):
         in_channels: channels of the input volume.
         out_channels: channels of the output volume.
         widths: channels per level, shallow to deep; at least 2 levels.
+        activation_checkpointing: while gradients are recorded, keep only each U-Net level's inputs and
+            recompute the level in the backward pass (``torch.utils.checkpoint``): less peak memory for large
+            patches, about one more forward pass of compute. Outputs and gradients are unchanged.
 
     Attributes:
         widths: the widths as a tuple.
@@ -144,8 +149,10 @@ class AnisotropicUNet3D(nn.Module):
         in_channels: int = 1,
         out_channels: int = 1,
         widths: Sequence[int] = (32, 64, 128, 256, 512),
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.activation_checkpointing = bool(activation_checkpointing)
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
         self.widths: tuple[int, ...] = _validate_widths(widths)
@@ -201,17 +208,31 @@ class AnisotropicUNet3D(nn.Module):
             )
         self.check_input_shape(x.shape)
 
-        x = self.elu(self.first_conv(x))
         skips: list[Tensor] = []
         for i in range(1, self.levels + 1):
-            if i > 1:
-                x = self.downsample(x)
-            x = getattr(self, f"tripleconv{i}")(x)
+            x = self._run(self._encode, i, x)
             skips.append(x)
         skips.pop()  # the deepest level's output is x itself
         for j in range(1, self.levels):
-            skip = skips.pop()
-            x = F.interpolate(x, size=skip.shape[-3:], mode="trilinear", align_corners=True)
-            x = getattr(self, f"tripleconv_up{j}")(torch.cat([x, skip], dim=1))
-        x = self.elu(self.final_conv(x))
-        return self.one_by_one_conv(x)
+            x = self._run(self._decode, j, x, skips.pop())
+        return x
+
+    def _run(self, level: Any, *args: Any) -> Tensor:
+        """Call one U-Net level, through ``torch.utils.checkpoint`` when checkpointing and recording gradients."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(level, *args, use_reentrant=False, preserve_rng_state=False)
+        return level(*args)
+
+    def _encode(self, i: int, x: Tensor) -> Tensor:
+        """Encoder level ``i`` (1-based): the first conv (level 1) or max-pooling, then the level's block."""
+        x = self.elu(self.first_conv(x)) if i == 1 else self.downsample(x)
+        return getattr(self, f"tripleconv{i}")(x)
+
+    def _decode(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
+        """Decoder level ``j`` (1 = deepest): upsample ``x`` to ``skip``, concatenate, block; the last level adds
+        the final conv and the 1×1×1 output conv."""
+        x = F.interpolate(x, size=skip.shape[-3:], mode="trilinear", align_corners=True)
+        x = getattr(self, f"tripleconv_up{j}")(torch.cat([x, skip], dim=1))
+        if j == self.levels - 1:
+            x = self.one_by_one_conv(self.elu(self.final_conv(x)))
+        return x

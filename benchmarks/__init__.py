@@ -1,0 +1,1 @@
+"""Benchmarks of exem against an independent re-implementation of the published ExEM code."""

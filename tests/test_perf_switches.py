@@ -1,0 +1,266 @@
+"""Training-speed switches keep the maths: channels_last, activation checkpointing, torch.compile, optimizers,
+frozen discriminators in the generator step, no host syncs in the step, Lightning vs a plain loop."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from exem.models import AnisotropicUNet3D
+from exem.module import ExEMModule
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WIDTHS = [4, 8, 16]
+PATCH = (2, 32, 32)
+
+
+def tiny_module(**kwargs: Any) -> ExEMModule:
+    torch.manual_seed(0)
+    generator = {"widths": WIDTHS, **kwargs.pop("generator", {})}
+    return ExEMModule(
+        generator=generator,
+        discriminator={"num_scales": 1, "base_filters": 4},
+        loss={"lambda_content": 50.0, "content_decay_steps": 100},
+        optim={"name": "adam", "lr": 1e-3, "betas": [0.5, 0.999], **kwargs.pop("optim", {})},
+        **kwargs,
+    )
+
+
+def tiny_batches(n: int, batch: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [
+        (torch.rand(batch, 1, *PATCH, generator=g), torch.rand(batch, 1, *PATCH, generator=g))
+        for _ in range(n)
+    ]
+
+
+def run_steps(module: ExEMModule, n: int = 2) -> list[dict[str, torch.Tensor]]:
+    module.optimize_for("cpu")
+    optimizers, _ = module.configure_optimizers()
+    return [module.train_batch(a, b, optimizers)[0] for a, b in tiny_batches(n)]
+
+
+def assert_same_training(ours: list[dict], theirs: list[dict], a: ExEMModule, b: ExEMModule) -> None:
+    for o, t in zip(ours, theirs, strict=True):
+        assert o.keys() == t.keys()
+        for key in o:
+            torch.testing.assert_close(o[key], t[key], rtol=1e-5, atol=1e-7)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        # Conv biases in front of the discriminators' InstanceNorm have no gradient in exact arithmetic; Adam
+        # turns their rounding noise into steps of size lr, so they are not compared.
+        if name.startswith("D_") and name.endswith(".bias"):
+            continue
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------ channels_last
+
+
+def test_channels_last_keeps_the_maths() -> None:
+    plain, fast = tiny_module(), tiny_module(channels_last=True)
+    ours = run_steps(fast)
+    weight = fast.G_AB.tripleconv2.conv2.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    assert_same_training(ours, run_steps(plain), fast, plain)
+    # the state dict keeps its keys and values: checkpoints load either way
+    plain.load_state_dict(fast.state_dict())
+
+
+def test_auto_switches_stay_off_on_cpu() -> None:
+    module = tiny_module(channels_last="auto", torch_compile="auto")
+    module.optimize_for("cpu")
+    assert module.G_AB.tripleconv2.conv2.weight.is_contiguous()
+    assert not module._compiled
+
+
+def test_bad_switch_value_is_a_one_line_error() -> None:
+    with pytest.raises(ValueError, match=r"model\.torch_compile must be true, false or 'auto', got 'yes'"):
+        tiny_module(torch_compile="yes")
+
+
+# ---------------------------------------------------------------------------- activation checkpointing
+
+
+def _count_block_calls(net: AnisotropicUNet3D) -> list[int]:
+    calls = [0]
+    net.tripleconv2.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    plain = AnisotropicUNet3D(widths=WIDTHS)
+    ckpt = AnisotropicUNet3D(widths=WIDTHS, activation_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    calls = _count_block_calls(ckpt)
+    x = torch.rand(2, 1, *PATCH)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = plain(x1), ckpt(x2)
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    (y1**2).mean().backward()
+    (y2**2).mean().backward()
+    assert calls[0] == 2  # the level ran again in the backward pass: it was checkpointed
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-8)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_activation_checkpointing_is_idle_without_gradients() -> None:
+    net = AnisotropicUNet3D(widths=WIDTHS, activation_checkpointing=True)
+    calls = _count_block_calls(net)
+    with torch.no_grad():
+        net(torch.rand(1, 1, *PATCH))
+    assert calls[0] == 1
+
+
+def test_activation_checkpointing_from_the_model_config() -> None:
+    plain, ckpt = tiny_module(), tiny_module(generator={"activation_checkpointing": True})
+    assert ckpt.G_AB.activation_checkpointing and ckpt.G_BA.activation_checkpointing
+    assert_same_training(run_steps(ckpt), run_steps(plain), ckpt, plain)
+
+
+# ----------------------------------------------------------------------------------------- optimizers
+
+
+@pytest.mark.parametrize(
+    ("optim", "expected"),
+    [
+        ({}, {"fused": True}),
+        ({"grad_clip": 1.0}, {"foreach": True}),
+        ({"foreach": False}, {"foreach": False}),
+        ({"fused": False}, {"fused": False}),
+    ],
+)
+def test_optimizer_kernels(optim: dict, expected: dict) -> None:
+    optimizers, _ = tiny_module(optim=optim).configure_optimizers()
+    for opt in optimizers:
+        for key, value in expected.items():
+            assert bool(opt.defaults[key]) is value
+
+
+def test_grad_clip_in_a_plain_loop() -> None:
+    clipped, free = tiny_module(optim={"grad_clip": 1e-3}), tiny_module()
+    a, b = run_steps(clipped), run_steps(free)
+    assert float((a[-1]["total"] - b[-1]["total"]).abs()) > 0  # clipping changed the update
+
+
+# ------------------------------------------------------------------------------------- the step itself
+
+
+def test_discriminators_are_frozen_in_the_generator_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tiny_module()
+    seen: list[tuple[bool, bool]] = []
+    step = ExEMModule._step
+
+    def spy(self: ExEMModule, opt: Any, loss: torch.Tensor) -> None:
+        seen.append(
+            (
+                any(p.requires_grad for p in self.D_A.parameters()),
+                any(p.requires_grad for p in self.D_B.parameters()),
+            )
+        )
+        step(self, opt, loss)
+
+    monkeypatch.setattr(ExEMModule, "_step", spy)
+    run_steps(module, n=1)
+    assert seen == [(False, False), (True, True), (True, True)]  # G step, D_A step, D_B step
+    assert all(p.requires_grad for p in module.D_A.parameters())  # restored after the G step
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts reads of tensor values by the host (``.item()``, ``float(t)``, ``int(t)``, ``if t:``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("pool", [0, 4])
+def test_the_step_never_reads_device_values(pool: int) -> None:
+    """On a GPU every host read of a tensor value waits for the device; the step makes none (while the replay
+    pool fills; once full, it draws on torch's CPU generator, which costs the device nothing)."""
+    module = tiny_module(replay_buffer_size=pool)
+    module.optimize_for("cpu")
+    optimizers, _ = module.configure_optimizers()
+    (a, b), *_ = tiny_batches(1, batch=2)
+    with _ScalarReads() as reads:
+        module.train_batch(a, b, optimizers)
+    assert reads.count == 0
+
+
+# ------------------------------------------------------------------------------------------- Lightning
+
+
+def test_lightning_fit_equals_the_plain_loop_and_logs_at_intervals(tmp_path: Path) -> None:
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    data = [{"A": a, "B": b} for a, b in tiny_batches(4)]
+    loader = DataLoader(data, batch_size=None)
+    lit, plain = tiny_module(), tiny_module()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3 * len(data),
+        max_epochs=1,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=2,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(lit, train_dataloaders=loader)
+    run_steps_on = plain.configure_optimizers()[0]
+    for batch in data:
+        plain.train_batch(batch["A"], batch["B"], run_steps_on)
+    assert lit.batch_step == plain.batch_step == len(data)
+    for p, q in zip(lit.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    logged = [int(r["step"]) for r in rows if r.get("train/G_total")]
+    assert logged == [1, 3]  # every 2nd batch (Lightning counts batches from 0 in the log)
+    keys = {k for r in rows for k, v in r.items() if v}
+    assert {"train/G_cycle", "train/G_content", "train/D_A", "train/D_B", "train/content_weight"} <= keys
+
+
+# --------------------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.slow
+def test_torch_compile_keeps_the_maths() -> None:
+    plain, compiled = tiny_module(), tiny_module(torch_compile=True)
+    ours = run_steps(compiled)
+    assert compiled._compiled
+    assert set(compiled.state_dict()) == set(plain.state_dict())  # nn.Module.compile keeps the keys
+    assert_same_training(ours, run_steps(plain), compiled, plain)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "pinned"), [(None, "cuda", True), (None, "cpu", False), (False, "cuda", False)]
+)
+def test_pinned_memory_follows_the_training_device(setting: bool | None, device: str, pinned: bool) -> None:
+    from types import SimpleNamespace
+
+    from exem.data import ExEMDataModule
+
+    dm = ExEMDataModule(lm={"path": "lm.zarr"}, em={"path": "em.zarr"}, pin_memory=setting)
+    assert dm._loader_kwargs()["pin_memory"] is False  # no trainer yet
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    assert dm._loader_kwargs()["pin_memory"] is pinned

@@ -1,0 +1,163 @@
+"""Property tests (hypothesis): the patch grid and the Gaussian blending, for any shape, patch and overlap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exem.data.grid import PatchGrid
+from exem.inference.blend import BlendAccumulator, ZStreamBlender, gaussian_window
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def axis(draw, max_size: int = 40) -> tuple[int, int, int]:
+    """(size, patch, overlap) of one axis with 1 ≤ patch ≤ size and 0 ≤ overlap < patch."""
+    size = draw(st.integers(1, max_size))
+    patch = draw(st.integers(1, size))
+    overlap = draw(st.integers(0, patch - 1))
+    return size, patch, overlap
+
+
+@st.composite
+def grids(draw, max_size: int = 40) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    axes = [draw(axis(max_size)) for _ in range(3)]
+    return tuple(a[0] for a in axes), tuple(a[1] for a in axes), tuple(a[2] for a in axes)
+
+
+# ------------------------------------------------------------------------------------------------ PatchGrid
+
+
+@FAST
+@given(grids(max_size=200))
+def test_grid_covers_everything_inside_with_monotone_starts(g) -> None:
+    shape, patch, overlap = g
+    grid = PatchGrid(shape, patch, overlap)
+    for ax in range(3):
+        starts = grid.starts[ax]
+        s, p, o = shape[ax], patch[ax], overlap[ax]
+        assert starts[0] == 0 and starts[-1] == s - p  # first at the start, last ends at the edge
+        assert all(b > a for a, b in zip(starts, starts[1:], strict=False))  # strictly increasing
+        assert all(a >= 0 and a + p <= s for a in starts)  # inside the volume
+        assert all(b - a <= p - o for a, b in zip(starts, starts[1:], strict=False))  # never a gap
+        covered = np.zeros(s, bool)
+        for a in starts:
+            covered[a : a + p] = True
+        assert covered.all()  # every voxel of the axis (so of the volume: the grid is a product)
+    assert len(grid) == int(np.prod(grid.num_per_axis))
+
+
+@FAST
+@given(grids(max_size=12))
+def test_grid_iteration_indexing_and_3d_coverage_agree(g) -> None:
+    shape, patch, overlap = g
+    grid = PatchGrid(shape, patch, overlap)
+    starts = list(grid)
+    assert starts == sorted(starts)  # C order
+    assert [grid[i] for i in range(len(grid))] == starts
+    count = np.zeros(shape, np.int32)
+    for start in starts:
+        count[grid.slices(start)] += 1
+    assert (count >= 1).all()
+
+
+@FAST
+@given(axis(), st.integers(1, 30))
+def test_grid_refuses_patch_larger_than_volume_or_overlap_not_below_patch(a, extra: int) -> None:
+    size, patch, overlap = a
+    with pytest.raises(ValueError, match="larger than the volume"):
+        PatchGrid((size, size, size), (patch, size + extra, patch), 0)
+    with pytest.raises(ValueError, match="smaller than the patch"):
+        PatchGrid((size, size, size), (patch, patch, patch), (0, patch + extra - 1, 0))
+
+
+# ------------------------------------------------------------------------------------------------- blending
+
+
+@FAST
+@given(
+    st.lists(st.integers(1, 9), min_size=3, max_size=3),
+    st.floats(0.05, 3.0),
+)
+def test_gaussian_window_is_positive_bounded_and_symmetric(patch, sigma: float) -> None:
+    w = gaussian_window(patch, sigma)
+    assert tuple(w.shape) == tuple(patch)
+    assert float(w.min()) >= 1e-4 * (1 - 1e-6) and float(w.max()) <= 1.0
+    for dim in range(3):
+        assert torch.equal(w, w.flip(dim))
+
+
+@FAST
+@given(grids(max_size=24), st.floats(-5.0, 5.0), st.floats(0.1, 2.0))
+def test_blending_a_constant_gives_the_constant(g, value: float, sigma: float) -> None:
+    """Constant predictions (an identity network on a constant volume) blend to that constant, everywhere."""
+    shape, patch, overlap = g
+    grid = PatchGrid(shape, patch, overlap)
+    acc = BlendAccumulator((0, 0, 0), shape, gaussian_window(patch, sigma))
+    for start in grid:
+        acc.add(torch.full((1, *patch), value), start)
+    out = acc.result()
+    assert tuple(out.shape) == (1, *shape)
+    np.testing.assert_allclose(out.numpy(), value, rtol=1e-5, atol=1e-6)
+
+
+@FAST
+@given(grids(max_size=20), st.integers(0, 2**31 - 1))
+def test_identity_network_reproduces_any_volume(g, seed: int) -> None:
+    """Blending the input's own patches (an identity network) gives back the input; streamed along Z the same."""
+    shape, patch, overlap = g
+    x = torch.from_numpy(np.random.default_rng(seed).random(shape, dtype=np.float32))
+    grid = PatchGrid(shape, patch, overlap)
+    window = gaussian_window(patch)
+    acc = BlendAccumulator((0, 0, 0), shape, window)
+    stream = ZStreamBlender((0, 0, 0), shape, window)
+    slabs = []
+    for start in grid:
+        piece = x[grid.slices(start)][None]
+        acc.add(piece, start)
+        slabs += stream.add(piece, start)
+    slabs += stream.finish()
+    out = acc.result()[0]
+    np.testing.assert_allclose(out.numpy(), x.numpy(), rtol=1e-5, atol=1e-6)
+    streamed = torch.cat([v for _, v in slabs], dim=1)[0]
+    assert torch.equal(streamed, out)  # bit-identical to the whole-box accumulator
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.tuples(st.integers(4, 12), st.integers(8, 40), st.integers(8, 40)),
+    st.integers(0, 3),
+    st.integers(0, 65535),
+)
+def test_engine_keeps_a_constant_volume_constant(tmp_path_factory, shape, overlap: int, value: int) -> None:
+    """The whole engine (blocks, context, blending, cast) with an identity network: constant in, constant out."""
+    from torch import nn
+
+    from exem.data.ome import create_ome_zarr
+    from exem.data.volume import open_volume
+    from exem.inference.engine import run_blockwise
+
+    patch = (min(4, shape[0]), 8, 8)
+    out = tmp_path_factory.mktemp("engine") / "c.zarr"
+    create_ome_zarr(out, shape, "float32", (1, 1, 1), chunks=(4, 8, 8))
+    volume = open_volume(np.full(shape, value, np.uint16))
+    run_blockwise(
+        nn.Identity(),
+        volume,
+        out,
+        patch=patch,
+        overlap=(min(overlap, patch[0] - 1), overlap, overlap),
+        batch_size=2,
+        block_shape=(4, 16, 16),
+        num_workers=0,
+    )
+    import zarr
+
+    got = zarr.open_group(str(out), mode="r")["0"][...]
+    np.testing.assert_allclose(got, value / 65535, rtol=1e-5, atol=1e-6)
