@@ -244,12 +244,6 @@ def translate_main(cfg: DictConfig) -> None:
     _tidy_logging()
     check_missing(cfg)
     generator = load_generator(cfg.checkpoint, widths=None if cfg.widths is None else list(cfg.widths))
-    # Normalise the input as the generator's training data were, unless the command line says otherwise.
-    trained = getattr(generator, "lm_normalization", None) or {}
-    intensity_range = cfg.intensity_range
-    percentiles = cfg.percentiles
-    if intensity_range is None and percentiles is None:
-        intensity_range, percentiles = trained.get("intensity_range"), trained.get("percentiles")
     trainer = _inference_trainer(cfg)
     seq = _seq
     result = translate_volume(
@@ -267,8 +261,8 @@ def translate_main(cfg: DictConfig) -> None:
         block_shape=seq(cfg.block_shape),
         num_workers=cfg.num_workers,
         trainer=trainer,
-        intensity_range=seq(intensity_range),
-        percentiles=seq(percentiles),
+        intensity_range=seq(cfg.intensity_range),  # None: as the generator's training data (translate_volume)
+        percentiles=seq(cfg.percentiles),
         resample=bool(cfg.resample),
         output_scale=str(cfg.output_scale),
         uncertainty=bool(cfg.uncertainty),

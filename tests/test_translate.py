@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from exem.data.volume import open_volume
 from exem.inference.engine import DONE_DIR, plan_blocks
 from exem.inference.translate import TranslateResult, default_overlap, translate_volume
 from exem.models.unet import AnisotropicUNet3D
+from tests.conftest import sigkill_when
 
 SHAPE = (20, 96, 80)
 VOXEL = (40.0, 10.0, 10.0)
@@ -258,22 +257,13 @@ def markers(out: Path, level: int) -> set[str]:
 
 def test_resume_after_sigkill(state_path, exm, reference, tmp_path) -> None:
     out = tmp_path / "killed.zarr"
-    log_path = tmp_path / "log.txt"
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            script_cmd(tmp_path, state_path, exm, out, 0.1, 1),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env(),
-        )
-        deadline = time.monotonic() + 60
-        while len(markers(out, 1)) < 3:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"translation ended before it could be killed:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    sigkill_when(
+        script_cmd(tmp_path, state_path, exm, out, 0.1, 1),
+        lambda: len(markers(out, 1)) >= 3,
+        tmp_path / "log.txt",
+        timeout_s=60,
+        env=env(),
+    )
     # right after the kill: every marker has its data
     done0, done1 = markers(out, 0), markers(out, 1)
     assert 3 <= len(done1) < n_blocks() and done1 <= done0
@@ -324,3 +314,14 @@ def test_default_reader_processes_follow_the_device() -> None:
     cpu = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     assert default_num_workers(cpu) == 0  # on the CPU readers only compete with torch for the cores
     assert default_num_workers(None) == (DEFAULT_NUM_WORKERS if torch.cuda.is_available() else 0)
+
+
+def test_the_generators_training_normalisation_is_the_default(generator, exm, tmp_path) -> None:
+    """A generator loaded from an exem checkpoint knows how its ExM input was normalised; the Python API uses it."""
+    generator.lm_normalization = {"intensity_range": [20.0, 180.0], "percentiles": None}
+    kw = {**KW, "roi": [0, 8, 0, 64, 0, 64]}
+    trained = translate_volume(generator, exm, tmp_path / "trained.ome.zarr", **kw)
+    given = translate_volume(generator, exm, tmp_path / "given.ome.zarr", intensity_range=[20, 180], **kw)
+    assert np.array_equal(levels_of(trained.output)[0], levels_of(given.output)[0])
+    dtype = translate_volume(generator, exm, tmp_path / "dtype.ome.zarr", intensity_range=[0, 255], **kw)
+    assert not np.array_equal(levels_of(trained.output)[0], levels_of(dtype.output)[0])

@@ -230,7 +230,7 @@ def evaluate(
         ValueError / FileNotFoundError / FileExistsError: one-line user errors (bad volumes, shapes that differ,
         a class that does not occur, outputs that exist without ``overwrite``).
     """
-    from exem.checkpoints import load_generator
+    from exem.checkpoints import load_generator, trained_normalization
 
     t0 = time.perf_counter()
     folder = Path(out).expanduser()
@@ -240,9 +240,9 @@ def evaluate(
     resolve_region(labels_volume.shape, roi, (1, 1, 1))  # a valid ROI, or a one-line error
     truth, truth_mask = _ground_truth(labels_volume, roi, labels_class)
     generator = checkpoint if isinstance(checkpoint, nn.Module) else load_generator(checkpoint)
-    trained = getattr(generator, "lm_normalization", None) or {}
-    if exm_intensity_range is None and exm_percentiles is None:
-        exm_intensity_range, exm_percentiles = trained.get("intensity_range"), trained.get("percentiles")
+    exm_intensity_range, exm_percentiles = trained_normalization(
+        generator, exm_intensity_range, exm_percentiles
+    )
     exm_volume = open_volume(exm, intensity_range=exm_intensity_range, percentiles=exm_percentiles)
     em_volume = open_volume(em) if em is not None else None
     for name, vol in (("exm", exm_volume), ("em", em_volume)):

@@ -24,6 +24,7 @@ import torch
 import zarr
 from torch import nn
 
+from exem.checkpoints import trained_normalization
 from exem.data.ome import create_ome_zarr
 from exem.data.resample import RescaledNetwork, resample_volume, same_voxel_size, scale_roi
 from exem.data.volume import Volume, open_volume
@@ -457,7 +458,9 @@ def translate_volume(
         block_shape: (z, y, x) voxels per output block (rounded up to chunks); None → engine default.
         num_workers: reader processes; None → :func:`default_num_workers`.
         trainer: a Lightning Trainer (e.g. DDP over several devices); None → one device, chosen automatically.
-        intensity_range, percentiles: input normalisation (see ``open_volume``); must match training.
+        intensity_range, percentiles: input normalisation (see ``open_volume``); must match training. Both
+            None → the generator's training normalisation when it has one (``lm_normalization`` from its
+            checkpoint, :func:`~exem.checkpoints.trained_normalization`), else the dtype range.
         chunks: output chunk shape (z, y, x); None → ``(2·patch_z, 256, 256)`` capped by the shape.
         autocast_dtype: ``bfloat16``/``float16`` to run the generator under autocast (GPU); None → float32.
         progress: show a progress bar (blocks, Mvox/s) on stderr.
@@ -495,6 +498,8 @@ def translate_volume(
         raise ValueError(f"sigma must be > 0, got {sigma}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if not isinstance(input, Volume):  # an opened Volume already carries its normalisation
+        intensity_range, percentiles = trained_normalization(generator, intensity_range, percentiles)
     volume = _open_input(input, input_level, intensity_range, percentiles)
     roi_arg = roi  # in input voxels (the scale step may rewrite roi)
     model_nm = (

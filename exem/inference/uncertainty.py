@@ -66,7 +66,9 @@ class TTAStd(nn.Module):
             if callable(check):
                 check(shape)
             elif shape[1] % d or shape[2] % d:
-                raise ValueError(f"patch Y×X = {shape[1]}×{shape[2]} is not divisible by {d}; use a multiple of {d}")
+                raise ValueError(
+                    f"patch Y×X = {shape[1]}×{shape[2]} is not divisible by {d}; use a multiple of {d}"
+                )
 
     def forward(self, x: Tensor) -> Tensor:
         mean: Tensor | None = None
