@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 DEMO_DIR ?= outputs/demo/latest
+DEMO_ARGS ?=
 SYNTH := data/synthetic
 
 # Train on synthetic phantoms, translate the held-out phantom, compare with its EM rendering, then segment
 # mitochondria with the built-in EM-trained segmenter on EM, virtual EM and raw ExM and print the scores.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/exem-train experiment=demo hydra.run.dir=$(DEMO_DIR)
+	$(VENV)/bin/exem-train experiment=demo hydra.run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(VENV)/bin/exem-translate checkpoint=$(DEMO_DIR)/checkpoints/last.ckpt input=$(SYNTH)/exm_test.zarr \
 		output=$(DEMO_DIR)/virtual_em_test.ome.zarr patch=[8,64,64] trainer=cpu
 	$(PY) -m exem.analysis.compare --exm $(SYNTH)/exm_test.zarr --virtual-em $(DEMO_DIR)/virtual_em_test.ome.zarr \

@@ -267,6 +267,7 @@ def translate_main(cfg: DictConfig) -> None:
         output_scale=str(cfg.output_scale),
         uncertainty=bool(cfg.uncertainty),
         uncertainty_output=cfg.uncertainty_output,
+        compile=bool(cfg.compile),
     )
     if trainer.is_global_zero:
         z, y, x = result.shape

@@ -325,3 +325,20 @@ def test_the_generators_training_normalisation_is_the_default(generator, exm, tm
     assert np.array_equal(levels_of(trained.output)[0], levels_of(given.output)[0])
     dtype = translate_volume(generator, exm, tmp_path / "dtype.ome.zarr", intensity_range=[0, 255], **kw)
     assert not np.array_equal(levels_of(trained.output)[0], levels_of(dtype.output)[0])
+
+
+@pytest.mark.slow  # torch.compile on the CPU: ~30 s of compilation
+def test_compiled_generator_gives_the_same_output(generator, exm, tmp_path) -> None:
+    kw = {**KW, "roi": [0, 8, 0, 64, 0, 64], "dtype": "float32"}
+    plain = translate_volume(generator, exm, tmp_path / "plain.ome.zarr", **kw)
+    compiled_net = load_generator_copy(generator)
+    compiled = translate_volume(compiled_net, exm, tmp_path / "compiled.ome.zarr", compile=True, **kw)
+    assert compiled_net._compiled_call_impl is not None  # it did run compiled
+    a, b = levels_of(plain.output)[0], levels_of(compiled.output)[0]
+    assert float(np.abs(a - b).max()) <= 1e-5
+
+
+def load_generator_copy(net: AnisotropicUNet3D) -> AnisotropicUNet3D:
+    copy = AnisotropicUNet3D(widths=net.widths)
+    copy.load_state_dict(net.state_dict())
+    return copy.eval()

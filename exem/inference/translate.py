@@ -434,6 +434,7 @@ def translate_volume(
     uncertainty: bool = False,
     uncertainty_output: str | Path | None = None,
     name: str = OUTPUT_NAME,
+    compile: bool = False,  # noqa: A002 - the config key's name
 ) -> TranslateResult:
     """Translate a whole ExM volume (or an ROI) to virtual EM and write it as an OME-Zarr pyramid.
 
@@ -476,6 +477,8 @@ def translate_volume(
             normalised intensity units, same grid and blending, resumable like the virtual EM.
         uncertainty_output: where to write it; None → ``<output stem>_uncertainty.ome.zarr`` next to ``output``.
         name: the multiscales name written in the output's metadata.
+        compile: ``torch.compile`` the generator for the run (GPU, large volumes: the first batch pays tens of
+            seconds of compilation; results equal to float rounding).
 
     The generator is moved to the trainer's device (and put in eval mode) by Lightning and stays there.
 
@@ -595,6 +598,7 @@ def translate_volume(
             levels=LEVELS,
             prepare=prepare,
             progress=progress,
+            compile=compile,
         )
         blocks_done, blocks_skipped = result.blocks_done, result.blocks_skipped
         voxels, rank = result.voxels_done, result.global_rank
@@ -641,6 +645,7 @@ def translate_volume(
                 chunks=chunks,
                 autocast_dtype=autocast_dtype,
                 progress=progress,
+                compile=compile,
                 resample=resample,
                 output_scale=output_scale,
                 model_voxel_size_nm=model_voxel_size_nm,
