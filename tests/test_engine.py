@@ -279,3 +279,26 @@ def test_block_ids_are_unique_across_plans() -> None:
     b = plan_blocks(SHAPE, PATCH, OVERLAP, block_shape=(4, 64, 16), chunks=(4, 16, 16))
     boxes = {(x.start, x.stop): x.id for x in itertools.chain(a.blocks, b.blocks)}
     assert len(set(boxes.values())) == len(boxes)
+
+
+def test_default_trainer_is_quiet() -> None:
+    """No 'GPU available …' lines or tips per call from the inference trainer (a plain Trainer logs them)."""
+    import logging
+
+    import lightning as L
+
+    from exem.inference.engine import default_trainer
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    announcer = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    announcer.addHandler(handler)
+    try:
+        L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+        assert any("available" in r.getMessage() for r in records)  # the control: Lightning does announce
+        records.clear()
+        default_trainer(accelerator="cpu")
+        assert [r.getMessage() for r in records if r.levelno < logging.WARNING] == []
+    finally:
+        announcer.removeHandler(handler)

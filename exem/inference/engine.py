@@ -1008,8 +1008,16 @@ class BlockwiseResult:
     world_size: int
 
 
+# Lightning announces the accelerators (and advertises) at INFO on this logger each time a Trainer is built.
+_LIGHTNING_RANK_ZERO_LOG = "lightning.pytorch.utilities.rank_zero"
+
+
 def default_trainer(**overrides: Any) -> L.Trainer:
-    """A Trainer for inference: auto accelerator, one device, no logger, no checkpoints, no Lightning bar."""
+    """A Trainer for inference: auto accelerator, one device, no logger, no checkpoints, no Lightning bar.
+
+    Built quietly: Lightning's "GPU available …" lines and tips are not logged (a notebook that translates several
+    volumes would otherwise repeat them for every call); warnings still are.
+    """
     kwargs: dict[str, Any] = {
         "accelerator": "auto",
         "devices": 1,
@@ -1019,7 +1027,13 @@ def default_trainer(**overrides: Any) -> L.Trainer:
         "enable_model_summary": False,
     }
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    announcer = logging.getLogger(_LIGHTNING_RANK_ZERO_LOG)
+    level = announcer.level
+    announcer.setLevel(logging.WARNING)
+    try:
+        return L.Trainer(**kwargs)
+    finally:
+        announcer.setLevel(level)
 
 
 def _local_root(output: str | Path | zarr.Group) -> Path:
@@ -1148,6 +1162,8 @@ def run_blockwise(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*across ranks is zero.*")  # every block already done
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # num_workers is ours
+            # a deprecation inside Lightning 2.6's own batch handling, nothing a user can act on
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
             trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
     finally:
         trainer.callbacks.remove(writer)
