@@ -9,7 +9,6 @@ import errno
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+
+from exem.quiet import silence_lightning_noise
 
 log = logging.getLogger("exem")
 
@@ -76,9 +77,7 @@ def _tidy_logging() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda r: "Tip:" not in r.getMessage()
     )
-    # exem checkpoints after all three optimizer steps of a batch on purpose; Lightning warns about that.
-    warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    silence_lightning_noise()
 
 
 def _one_line(err: BaseException) -> str:

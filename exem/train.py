@@ -14,6 +14,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from exem.quiet import lightning_noise_silenced
+
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +92,8 @@ def train(cfg: DictConfig) -> TrainResult:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    with lightning_noise_silenced():
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: _to_float(v) for k, v in trainer.callback_metrics.items()}
     metric_name = cfg.get("optimized_metric")

@@ -60,6 +60,7 @@ from exem.data.grid import AXIS_NAMES, PatchGrid
 from exem.data.ome import downsample_inplane
 from exem.data.volume import Volume
 from exem.inference.blend import ZStreamBlender, gaussian_window
+from exem.quiet import lightning_noise_silenced
 
 __all__ = [
     "DEFAULT_BLOCK_VOXELS",
@@ -1159,11 +1160,9 @@ def run_blockwise(
     t0 = time.perf_counter()
     trainer.callbacks.append(writer)
     try:
-        with warnings.catch_warnings():
+        with lightning_noise_silenced():
             warnings.filterwarnings("ignore", message=".*across ranks is zero.*")  # every block already done
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # num_workers is ours
-            # a deprecation inside Lightning 2.6's own batch handling, nothing a user can act on
-            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
             trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
     finally:
         trainer.callbacks.remove(writer)
