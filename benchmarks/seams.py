@@ -34,6 +34,7 @@ from benchmarks._common import machine  # noqa: E402
 from exem.checkpoints import load_generator  # noqa: E402
 from exem.data.grid import PatchGrid  # noqa: E402
 from exem.data.synthetic import make_phantom, render_exm  # noqa: E402
+from exem.data.volume import normalize  # noqa: E402
 from exem.inference.seams import seam_visibility  # noqa: E402
 from exem.inference.translate import DEFAULT_OVERLAP_FRACTION, translate_volume  # noqa: E402
 from exem.models import AnisotropicUNet3D  # noqa: E402
@@ -76,8 +77,7 @@ def main() -> None:
     shape, patch = tuple(args.shape), tuple(args.patch)
     phantom = make_phantom(shape, seed=args.seed)
     exm = render_exm(phantom, seed=args.seed).astype(np.float32)
-    lo, hi = np.percentile(exm, [0.5, 99.8])
-    volume = np.clip((exm - lo) / (hi - lo), 0, 1).astype(np.float32)  # normalised [0, 1], as in training
+    volume = normalize(exm, *np.percentile(exm, [0.5, 99.8]))  # [0, 1], the demo's training percentiles
 
     torch.manual_seed(args.seed)
     generators = {"random_init": AnisotropicUNet3D(widths=args.widths).eval()}

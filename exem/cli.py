@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from exem.quiet import silence_lightning_noise
+from exem.quiet import LIGHTNING_ANNOUNCER, silence_lightning_noise
 
 log = logging.getLogger("exem")
 
@@ -74,9 +74,7 @@ def _tidy_logging() -> None:
         for handler in list(lg.handlers):
             lg.removeHandler(handler)
         lg.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda r: "Tip:" not in r.getMessage()
-    )
+    logging.getLogger(LIGHTNING_ANNOUNCER).addFilter(lambda r: "Tip:" not in r.getMessage())
     silence_lightning_noise()
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from exem.analysis.metrics import image_quality
+from exem.callbacks import rng_state, set_rng_state
 from exem.losses import (
     IntensityGroupContentLoss,
     content_decay,
@@ -502,8 +503,6 @@ class ExEMModule(L.LightningModule):
         checkpoint["exem_lm_normalization"] = self.lm_normalization
         # The global random state (replay-buffer draws), so a resumed run continues the uninterrupted one exactly.
         # All ranks are seeded alike and draw alike, so rank 0's state (the one saved) stands for every rank.
-        from exem.callbacks import rng_state
-
         checkpoint["exem_rng_state"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -514,6 +513,4 @@ class ExEMModule(L.LightningModule):
         if self._trainer is not None and checkpoint.get(
             "exem_rng_state"
         ):  # resuming training, not just loading
-            from exem.callbacks import set_rng_state
-
             set_rng_state(checkpoint["exem_rng_state"])

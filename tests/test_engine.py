@@ -288,11 +288,12 @@ def test_default_trainer_is_quiet() -> None:
     import lightning as L
 
     from exem.inference.engine import default_trainer
+    from exem.quiet import LIGHTNING_ANNOUNCER
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append  # type: ignore[method-assign]
-    announcer = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    announcer = logging.getLogger(LIGHTNING_ANNOUNCER)
     announcer.addHandler(handler)
     try:
         L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)

@@ -11,6 +11,7 @@ import zarr
 
 from exem.data.grid import PatchGrid
 from exem.data.synthetic import make_phantom, render_exm
+from exem.data.volume import normalize
 from exem.inference.seams import border_steps, seam_visibility
 from exem.inference.translate import default_overlap, translate_volume
 from exem.models import AnisotropicUNet3D
@@ -49,8 +50,7 @@ def test_blending_hides_the_seams_of_disagreeing_patches(tmp_path: Path) -> None
     """A freshly initialised GroupNorm U-Net normalises every patch with its own statistics (patches disagree)."""
     shape, patch = (16, 96, 96), (8, 32, 32)
     exm = render_exm(make_phantom(shape, seed=0), seed=0).astype(np.float32)
-    lo, hi = np.percentile(exm, [0.5, 99.8])
-    volume = np.clip((exm - lo) / (hi - lo), 0, 1).astype(np.float32)
+    volume = normalize(exm, *np.percentile(exm, [0.5, 99.8]))
     torch.manual_seed(0)
     net = AnisotropicUNet3D(widths=(4, 8, 16)).eval()
     ratios = {}

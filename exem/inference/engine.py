@@ -60,7 +60,7 @@ from exem.data.grid import AXIS_NAMES, PatchGrid
 from exem.data.ome import downsample_inplane
 from exem.data.volume import Volume
 from exem.inference.blend import ZStreamBlender, gaussian_window
-from exem.quiet import lightning_noise_silenced
+from exem.quiet import lightning_announcements_muted, lightning_noise_silenced
 
 __all__ = [
     "DEFAULT_BLOCK_VOXELS",
@@ -1009,10 +1009,6 @@ class BlockwiseResult:
     world_size: int
 
 
-# Lightning announces the accelerators (and advertises) at INFO on this logger each time a Trainer is built.
-_LIGHTNING_RANK_ZERO_LOG = "lightning.pytorch.utilities.rank_zero"
-
-
 def default_trainer(**overrides: Any) -> L.Trainer:
     """A Trainer for inference: auto accelerator, one device, no logger, no checkpoints, no Lightning bar.
 
@@ -1028,13 +1024,8 @@ def default_trainer(**overrides: Any) -> L.Trainer:
         "enable_model_summary": False,
     }
     kwargs.update(overrides)
-    announcer = logging.getLogger(_LIGHTNING_RANK_ZERO_LOG)
-    level = announcer.level
-    announcer.setLevel(logging.WARNING)
-    try:
+    with lightning_announcements_muted():
         return L.Trainer(**kwargs)
-    finally:
-        announcer.setLevel(level)
 
 
 def _local_root(output: str | Path | zarr.Group) -> Path:

@@ -38,8 +38,8 @@ class SeamReport:
 
     def axis_ratio(self, axis: int) -> float | None:
         """``border / interior`` on one axis (None without borders there)."""
-        b, i = self.border[axis], self.interior[axis]
-        return None if b is None else (b / i if i > 0 else (np.inf if b > 0 else 1.0))
+        b = self.border[axis]
+        return None if b is None else _ratio(b, self.interior[axis])
 
     def __str__(self) -> str:
         parts = [
@@ -47,6 +47,13 @@ class SeamReport:
             for a in range(3)
         ]
         return f"seam visibility {self.ratio:.3f} (border/interior step: {', '.join(parts)})"
+
+
+def _ratio(border: float, interior: float) -> float:
+    """``border / interior``; a step where the rest is flat is infinitely visible, none at all is 1."""
+    if interior > 0:
+        return border / interior
+    return float("inf") if border > 0 else 1.0
 
 
 def border_steps(grid: PatchGrid) -> tuple[list[int], list[int], list[int]]:
@@ -58,7 +65,7 @@ def border_steps(grid: PatchGrid) -> tuple[list[int], list[int], list[int]]:
     out: list[list[int]] = []
     for axis in range(3):
         size, patch = grid.shape[axis], grid.patch[axis]
-        starts = sorted({start[axis] for start in grid})
+        starts = grid.starts[axis]
         steps = {s - 1 for s in starts if s > 0} | {s + patch - 1 for s in starts if s + patch < size}
         out.append(sorted(steps))
     return out[0], out[1], out[2]
@@ -101,7 +108,7 @@ def seam_visibility(volume: np.ndarray | Tensor, grid: PatchGrid) -> SeamReport:
             continue
         b = float(profile[mask].mean())
         border.append(b)
-        ratios.append(b / inner if inner > 0 else (float("inf") if b > 0 else 1.0))
+        ratios.append(_ratio(b, inner))
     return SeamReport(
         border=(border[0], border[1], border[2]),
         interior=(interior[0], interior[1], interior[2]),
