@@ -1,4 +1,4 @@
-"""Command-line entry points (thin Hydra mains): ``exem-train``, ``exem-synth``.
+"""Command-line entry points (thin Hydra mains): ``exem-train``, ``exem-calibrate``, ``exem-synth``, ….
 
 User errors (bad paths, bad data, bad config) end with one line on stderr and exit code 1.
 """
@@ -187,6 +187,27 @@ def train_main(cfg: DictConfig) -> float | None:
         if shown:
             print("  validation   " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     return result.metric
+
+
+@config_errors_one_line("exem-calibrate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="calibrate")
+@one_line_errors("exem-calibrate")
+def calibrate_main(cfg: DictConfig) -> None:
+    """``exem-calibrate``: fit the content-loss groups to the data (as ``exem-train`` would) without training."""
+    from exem.train import calibrate
+
+    _tidy_logging()
+    result, (json_path, png_path) = calibrate(cfg)
+    fit = result.fit
+    print(f"exem-calibrate: content groups of {fit.voxels[0]:,} ExM and {fit.voxels[1]:,} EM voxels")
+    print(fit.table())
+    print(f"chosen: {fit.describe()}")
+    for note in fit.notes:
+        print(f"warning: {note}")
+    print(f"picture: {png_path}   record: {json_path}")
+    print("to fix these groups in an experiment config:")
+    print(fit.yaml_block())
+    print(fit.summary_json())
 
 
 @config_errors_one_line("exem-synth")

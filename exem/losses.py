@@ -93,32 +93,35 @@ def _sigmoid_step(x: Tensor, threshold: float, slope: float) -> Tensor:
 
 
 def intensity_groups(x: Tensor, thresholds: Sequence[float], slope: float) -> list[Tensor]:
-    """Soft intensity groups of a ``(B, 1, Z, Y, X)`` volume in normalised units, in the published order.
+    """Soft intensity groups of a ``(B, 1, Z, Y, X)`` volume in normalised units, numbered dark (0) → bright.
 
-    With ``s(x, t) = sigmoid(slope · (x − t))``:
-
-    - one threshold ``t``: ``[bright = s(x, t), dark = 1 − s(x, t)]`` (the published LM groups);
-    - two thresholds ``t1 < t2``: ``[mid = s(x, t1) − s(x, t2), dark = 1 − s(x, t1), bright = s(x, t2)]``
-      (the published EM groups).
+    With ``s(x, t) = sigmoid(slope · (x − t))`` and increasing thresholds ``t_1 < … < t_n``, group ``k`` is
+    ``s(x, t_k) − s(x, t_{k+1})`` (with ``s(x, t_0) = 1`` and ``s(x, t_{n+1}) = 0``): one threshold gives
+    ``[dark, bright]``, two give ``[dark, mid, bright]``.
 
     Each group is a tensor shaped like ``x`` with values in [0, 1]; the groups of a voxel sum to 1.
     """
-    if len(thresholds) == 1:
-        bright = _sigmoid_step(x, thresholds[0], slope)
-        return [bright, 1.0 - bright]
-    if len(thresholds) == 2:
-        above_low = _sigmoid_step(x, thresholds[0], slope)
-        above_high = _sigmoid_step(x, thresholds[1], slope)
-        return [above_low - above_high, 1.0 - above_low, above_high]
-    raise ValueError(f"intensity_groups supports 1 or 2 thresholds, got {len(thresholds)}")
+    if len(thresholds) < 1:
+        raise ValueError("intensity_groups needs at least one threshold")
+    above = [_sigmoid_step(x, t, slope) for t in thresholds]
+    groups = [1.0 - above[0]]
+    groups += [lo - hi for lo, hi in zip(above[:-1], above[1:], strict=True)]
+    groups.append(above[-1])
+    return groups
+
+
+MAX_GROUPS = 5
+"""Most intensity groups per domain (thresholds + 1) the content loss and its fit accept."""
 
 
 def _validate_thresholds(name: str, thresholds: Sequence[float]) -> tuple[float, ...]:
     if isinstance(thresholds, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence of 1 or 2 floats in [0, 1], got {thresholds!r}")
+        raise ValueError(f"{name} must be a sequence of increasing floats in [0, 1], got {thresholds!r}")
     ts = tuple(float(t) for t in thresholds)
-    if len(ts) not in (1, 2):
-        raise ValueError(f"{name} must hold 1 or 2 thresholds (2 or 3 intensity groups), got {len(ts)}")
+    if not 1 <= len(ts) < MAX_GROUPS:
+        raise ValueError(
+            f"{name} must hold 1 to {MAX_GROUPS - 1} thresholds (2 to {MAX_GROUPS} intensity groups), got {len(ts)}"
+        )
     if not all(0.0 <= t <= 1.0 for t in ts):
         raise ValueError(f"{name} must lie in [0, 1] (normalised intensities), got {ts}")
     if any(b <= a for a, b in zip(ts[:-1], ts[1:], strict=True)):
@@ -149,14 +152,16 @@ class IntensityGroupContentLoss(nn.Module):
         L = 2 / (n_lm + n_em) · [Σ_i L1(a_i, (Σ_{k ∈ lm_to_em[i]} fb_k) · a_i)
                                 + Σ_j L1(b_j, fa_{em_to_lm[j]} · b_j)]
 
-    At the defaults this is the published
-    ``2/5·[L1(a1, fb1·a1) + L1(a2, (fb2+fb3)·a2) + L1(b1, fa1·b1) + L1(b2, fa2·b2) + L1(b3, fa2·b3)]``:
-    bright LM ↔ mid-grey EM, dark LM ↔ dark or bright EM.
+    Groups are numbered from dark (0) to bright in both domains. At the defaults this is the published
+    ``2/5·[L1(a1, fb1·a1) + L1(a2, (fb2+fb3)·a2) + L1(b1, fa1·b1) + L1(b2, fa2·b2) + L1(b3, fa2·b3)]``
+    (the published code numbers LM ``[bright, dark]`` and EM ``[mid, dark, bright]``): bright LM ↔ mid-grey EM,
+    dark LM ↔ dark or bright EM, i.e. ``lm_to_em = [[0, 2], [1]]``, ``em_to_lm = [0, 1, 0]``. Which groups suit
+    a stain is better fitted from the data: :func:`exem.content_groups.fit_content_groups`.
 
     Args:
-        lm_thresholds: 1 or 2 increasing thresholds in normalised LM intensity (groups: see
+        lm_thresholds: 1 to 4 increasing thresholds in normalised LM intensity (groups: see
             :func:`intensity_groups`).
-        em_thresholds: 1 or 2 increasing thresholds in normalised EM intensity.
+        em_thresholds: 1 to 4 increasing thresholds in normalised EM intensity.
         slope: steepness ``k`` of the soft steps, per unit of normalised intensity, > 0.
         lm_to_em: for each LM group, the non-empty list of EM group indices that must cover it.
         em_to_lm: for each EM group, the LM group index that must cover it.
@@ -167,8 +172,8 @@ class IntensityGroupContentLoss(nn.Module):
         lm_thresholds: Sequence[float] = (110 / 255,),
         em_thresholds: Sequence[float] = (120 / 255, 160 / 255),
         slope: float = 100.0,
-        lm_to_em: Sequence[Sequence[int]] = ((0,), (1, 2)),
-        em_to_lm: Sequence[int] = (0, 1, 1),
+        lm_to_em: Sequence[Sequence[int]] = ((0, 2), (1,)),
+        em_to_lm: Sequence[int] = (0, 1, 0),
     ) -> None:
         super().__init__()
         self.lm_thresholds = _validate_thresholds("lm_thresholds", lm_thresholds)

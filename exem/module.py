@@ -25,6 +25,14 @@ from torch import Tensor, nn
 
 from exem.analysis.metrics import image_quality
 from exem.callbacks import rng_state, set_rng_state
+from exem.content_groups import (
+    RECORD_KEYS,
+    CalibrationError,
+    ContentFitSettings,
+    ContentGroups,
+    fit_from_datamodule,
+    write_content_groups,
+)
 from exem.losses import (
     IntensityGroupContentLoss,
     content_decay,
@@ -139,8 +147,10 @@ class ExEMModule(L.LightningModule):
         generator: keyword arguments of :class:`AnisotropicUNet3D` (both generators share them).
         discriminator: keyword arguments of :class:`MultiScaleDiscriminator3D`.
         loss: weights ``lambda_gan``, ``lambda_cycle``, ``lambda_identity``, ``lambda_content``, the decay
-            ``content_decay_steps`` (batches) and ``content`` (keyword arguments of
-            :class:`IntensityGroupContentLoss`).
+            ``content_decay_steps`` (batches) and ``content``: keyword arguments of
+            :class:`IntensityGroupContentLoss` and of :class:`~exem.content_groups.ContentFitSettings` (``auto``:
+            fit the groups from the training data before the first step, see :meth:`fit_content_groups`). A fit
+            stored there (a checkpoint's hyper-parameters) is used as it is and never refitted.
         optim: ``name`` (adam | adamw), ``lr``, ``betas``, ``weight_decay``, ``grad_clip`` (max gradient norm or
             None), ``foreach``/``fused`` (optional, passed to the optimizer).
         scheduler: None, or ``{"name": "cosine_warm_restarts", "T_0", "T_mult", "eta_min_fraction"}``, stepped
@@ -152,6 +162,8 @@ class ExEMModule(L.LightningModule):
             ``"auto"`` = on a CUDA GPU). Same maths.
         image_every_n_steps: write an image panel every N batches (0 = never).
         image_dir: folder for the PNG panels (None = only the logger gets them).
+        report_dir: the run folder, where ``content_groups.json`` / ``.png`` go when the groups are fitted
+            (None = not written).
     """
 
     def __init__(
@@ -166,6 +178,7 @@ class ExEMModule(L.LightningModule):
         image_dir: str | None = None,
         torch_compile: bool | str = False,
         channels_last: bool | str = False,
+        report_dir: str | None = None,
     ) -> None:
         super().__init__()
         # Plain containers only, so checkpoints load with torch.load(weights_only=True) (save_hyperparameters
@@ -179,7 +192,13 @@ class ExEMModule(L.LightningModule):
         self.G_BA = AnisotropicUNet3D(**generator)
         self.D_A = MultiScaleDiscriminator3D(**discriminator)
         self.D_B = MultiScaleDiscriminator3D(**discriminator)
-        self.content_loss = IntensityGroupContentLoss(**dict(loss.get("content", {})))
+        self.content_settings, content_kwargs = ContentFitSettings.split(loss.get("content"))
+        # A fit stored in the hyper-parameters (loaded from a checkpoint) is reused as it is.
+        self.content_groups: ContentGroups | None = ContentGroups.from_config(content_kwargs)
+        for key in RECORD_KEYS:
+            content_kwargs.pop(key, None)
+        self.content_loss = IntensityGroupContentLoss(**content_kwargs)
+        self.report_dir = Path(report_dir) if report_dir else None
         self.pool_A = ReplayBuffer(replay_buffer_size)
         self.pool_B = ReplayBuffer(replay_buffer_size)
         self.loss_cfg = dict(loss)
@@ -483,10 +502,61 @@ class ExEMModule(L.LightningModule):
             elif hasattr(logger, "log_image"):  # wandb and friends
                 logger.log_image(key=key, images=[panel], step=self.global_step)
 
+    # ------------------------------------------------------------------ content groups
+    def use_content_groups(self, fit: ContentGroups) -> None:
+        """Train with ``fit``'s groups: rebuild the content loss and record the fit in the hyper-parameters
+        (``loss.content``), so checkpoints carry it and a resume reuses it."""
+        self.content_loss = IntensityGroupContentLoss(
+            lm_thresholds=fit.lm_thresholds,
+            em_thresholds=fit.em_thresholds,
+            slope=self.content_loss.slope,
+            lm_to_em=fit.lm_to_em,
+            em_to_lm=fit.em_to_lm,
+        )
+        self.content_groups = fit
+        content = self.hparams["loss"].setdefault("content", {})
+        content.update(fit.as_config())
+
+    def fit_content_groups(self, datamodule: Any) -> ContentGroups:
+        """Fit the content groups to ``datamodule``'s training data (rank 0; every rank gets rank 0's fit), use
+        them, write ``content_groups.json`` / ``.png`` to :attr:`report_dir` and log one line.
+
+        Raises:
+            CalibrationError: data the groups cannot be fitted to (one line).
+        """
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        fit: ContentGroups | None = None
+        error: str | None = None
+        if trainer is None or trainer.is_global_zero:
+            try:
+                result = fit_from_datamodule(datamodule, self.content_settings)
+                fit = result.fit
+                if self.report_dir is not None:
+                    write_content_groups(self.report_dir, fit, *result.pictures())
+            except CalibrationError as exc:
+                error = str(exc)
+        if strategy is not None and trainer is not None and trainer.world_size > 1:
+            fit, error = strategy.broadcast((fit, error), src=0)
+        if error is not None or fit is None:
+            raise CalibrationError(error or "content groups: no fit")
+        self.use_content_groups(fit)
+        where = f" ({self.report_dir / 'content_groups.png'})" if self.report_dir is not None else ""
+        log.info("content groups fitted from the data: %s%s", fit.describe(), where)
+        return fit
+
     # ------------------------------------------------------------------ checkpoint state
     def on_fit_start(self) -> None:
-        """Remember the LM voxel size and normalisation the generator is trained with, for translation later."""
+        """Remember the LM voxel size and normalisation the generator is trained with, for translation later;
+        fit the content groups (``loss.content.auto``) unless a checkpoint brought a fit."""
         datamodule = getattr(self.trainer, "datamodule", None) if self.trainer else None
+        if self.content_settings.auto and self.content_groups is None:
+            if datamodule is None:
+                raise CalibrationError(
+                    "model.loss.content.auto=true needs the training data: pass an ExEMDataModule to fit"
+                    " (or set auto=false with thresholds and mapping)"
+                )
+            self.fit_content_groups(datamodule)
         volumes = getattr(datamodule, "lm_volumes", None)
         if volumes and volumes[0].voxel_size_nm is not None:
             self.voxel_size_nm = tuple(float(v) for v in volumes[0].voxel_size_nm)
@@ -507,6 +577,10 @@ class ExEMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.batch_step = int(checkpoint.get("exem_batch_step", 0))
+        stored = (checkpoint.get("hyper_parameters") or {}).get("loss", {}).get("content") or {}
+        fit = ContentGroups.from_config(stored)
+        if fit is not None:  # a resume keeps the groups it was trained with; never refits
+            self.use_content_groups(fit)
         vs = checkpoint.get("exem_voxel_size_nm")
         self.voxel_size_nm = tuple(float(v) for v in vs) if vs else None
         self.lm_normalization = checkpoint.get("exem_lm_normalization")

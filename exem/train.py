@@ -62,6 +62,36 @@ def _to_float(v: Any) -> float:
     return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
 
 
+def prepare_synthetic(cfg: DictConfig) -> None:
+    """Write the synthetic phantoms a config asks for (``cfg.synthetic``; nothing when it is null)."""
+    if cfg.get("synthetic"):
+        from exem.data.synthetic import write_synthetic_dataset
+
+        syn = OmegaConf.to_container(cfg.synthetic, resolve=True)
+        write_synthetic_dataset(**syn)
+
+
+def calibrate(cfg: DictConfig) -> tuple[Any, tuple[Path, Path]]:
+    """Fit the content-loss groups to the data of a training config without training (``exem-calibrate``).
+
+    Uses ``cfg.data`` (as ``exem-train``) and the fit settings in ``cfg.model.loss.content``; writes
+    ``content_groups.json`` and ``content_groups.png`` into ``cfg.out_dir``.
+
+    Returns:
+        (:class:`exem.content_groups.CalibrationResult`, (json path, png path)).
+    """
+    from exem.content_groups import ContentFitSettings, fit_from_datamodule, write_content_groups
+
+    check_missing(cfg)
+    prepare_synthetic(cfg)
+    content = OmegaConf.to_container(cfg.model.loss.content, resolve=True) if cfg.get("model") else {}
+    settings, _ = ContentFitSettings.split(content)  # type: ignore[arg-type]
+    datamodule = instantiate(cfg.data, _convert_="all")
+    result = fit_from_datamodule(datamodule, settings)
+    paths = write_content_groups(cfg.out_dir, result.fit, *result.pictures())
+    return result, paths
+
+
 def train(cfg: DictConfig) -> TrainResult:
     """Fit an :class:`~exem.module.ExEMModule` as configured; returns metrics and where the outputs are.
 
@@ -69,11 +99,7 @@ def train(cfg: DictConfig) -> TrainResult:
     """
     check_missing(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("synthetic"):
-        from exem.data.synthetic import write_synthetic_dataset
-
-        syn = OmegaConf.to_container(cfg.synthetic, resolve=True)
-        write_synthetic_dataset(**syn)
+    prepare_synthetic(cfg)
 
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")

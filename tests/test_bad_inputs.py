@@ -1,9 +1,9 @@
 """The bad-input catalogue: every CLI refuses bad input with ONE clear line, exit code ≠ 0, outputs untouched.
 
-Each case runs a real console script (``exem-train``, ``exem-translate``, ``exem-export``, ``exem-segment``,
-``exem-evaluate``) on a tiny prepared input and checks: exit code ≠ 0; the last non-empty line of stderr is one line
-``<prog>: error: …`` containing the case's key phrase; no ``Traceback``; existing outputs hash the same before and
-after. The cases run concurrently in one module fixture (each is a process start, ~2-5 s of CPU).
+Each case runs a real console script (``exem-train``, ``exem-calibrate``, ``exem-translate``, ``exem-export``,
+``exem-segment``, ``exem-evaluate``) on a tiny prepared input and checks: exit code ≠ 0; the last non-empty line of
+stderr is one line ``<prog>: error: …`` containing the case's key phrase; no ``Traceback``; existing outputs hash the
+same before and after. The cases run concurrently in one module fixture (each is a process start, ~2-5 s of CPU).
 
 Disk-full during a write is simulated in-process (a zarr store whose chunk writes fail with ENOSPC) through the
 real ``exem-translate`` entry point; nothing may be marked done.
@@ -125,6 +125,7 @@ def build_world(tmp: Path) -> SimpleNamespace:
     zarr.create_array(str(w.strings), shape=(4, 8, 8), dtype=str, chunks=(4, 8, 8))
     w.float_range = _zarr(tmp / "float_range.zarr", (rng.random(shape, dtype=np.float32) * 3000))
     w.constant = _zarr(tmp / "constant.zarr", np.full(shape, 7, np.uint8))
+    w.two_levels = _zarr(tmp / "two_levels.zarr", np.where(rng.random(shape) < 0.3, 50, 200).astype(np.uint8))
     nan = rng.random(shape, dtype=np.float32)
     nan[4:8, 10:20, 10:20] = np.nan
     w.nan = _zarr(tmp / "nan.zarr", nan)
@@ -229,6 +230,13 @@ def _segment(
     ]  # fmt: skip
 
 
+def _calibrate(w: SimpleNamespace, *extra: str, lm: Path | None = None, em: Path | None = None) -> list[str]:
+    return [
+        f"data.lm.path={lm or w.good}", f"data.em.path={em or w.good}", "data.patch_size=[4,32,32]",
+        "model.loss.content.sample_voxels=50000", "out_dir=calib", *extra,
+    ]  # fmt: skip
+
+
 def _evaluate(w: SimpleNamespace, *extra: str) -> list[str]:
     return [
         f"exm={w.good}", f"checkpoint={w.gen}", f"segmenter={w.seg_model}", f"labels={w.good}",
@@ -238,6 +246,7 @@ def _evaluate(w: SimpleNamespace, *extra: str) -> list[str]:
 
 
 T, X, E, S, V = "exem-train", "exem-translate", "exem-export", "exem-segment", "exem-evaluate"
+C = "exem-calibrate"
 
 CASES: list[Case] = [
     # --- training data
@@ -282,6 +291,16 @@ CASES: list[Case] = [
     Case("train-ckpt-widths-mismatch", T, "model.generator.widths differ from the checkpoint's",
          lambda w: _train(w, "model.generator.widths=[4,8,16,32]", f"ckpt_path={w.train_ckpt}"),
          "widths mismatch"),
+    # --- content-group calibration (exem-calibrate; exem-train fits the same way before its first step)
+    Case("calibrate-constant-volume", C, "all-constant ExM volume",
+         lambda w: _calibrate(w, lm=w.constant), "intensities are constant"),
+    Case("calibrate-fewer-levels-than-groups", C, "EM volume with 2 grey levels, 3 EM groups asked for",
+         lambda w: _calibrate(w, em=w.two_levels), "fewer than the 3 groups"),
+    Case("calibrate-nan", C, "NaN in float data", lambda w: _calibrate(w, lm=w.nan), "nan", slow=True),
+    Case("calibrate-empty-array", C, "array with a zero-length axis",
+         lambda w: _calibrate(w, em=w.empty), "volume is empty", slow=True),
+    Case("calibrate-unknown-stain", C, "data.lm.stain not pan_protein, direct or null",
+         lambda w: _calibrate(w, "data.lm.stain=cytosolic"), "data.lm.stain must be one of", slow=True),
     # --- translation input
     Case("translate-missing-path", X, "input does not exist",
          lambda w: _translate(w, input=w.missing), "no such file or directory"),
@@ -480,7 +499,7 @@ def outcomes(world: SimpleNamespace, request: pytest.FixtureRequest) -> dict[str
 def test_the_catalogue_is_complete() -> None:
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) + len(API_CASES) >= 30
-    assert {c.prog for c in CASES} == {T, X, E, S, V}
+    assert {c.prog for c in CASES} == {T, C, X, E, S, V}
     assert all(sum(c.prog == p for c in CASES) >= 3 for p in (S, V))
     assert sum(not c.slow for c in CASES) + len(API_CASES) >= 30  # in the default run
 

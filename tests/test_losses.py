@@ -153,13 +153,13 @@ def test_content_loss_hand_computed_two_voxels() -> None:
 
 
 def test_content_loss_custom_mapping_and_thresholds() -> None:
-    # Two LM thresholds (3 groups: mid, dark, bright) and one EM threshold (2 groups: bright, dark).
+    # Two LM thresholds (3 groups: dark, mid, bright) and one EM threshold (2 groups: dark, bright).
     loss = IntensityGroupContentLoss(
         lm_thresholds=(0.3, 0.7),
         em_thresholds=(0.5,),
         slope=50.0,
-        lm_to_em=((1,), (0,), (0, 1)),
-        em_to_lm=(2, 1),
+        lm_to_em=((1,), (0,), (0, 1)),  # LM dark -> EM bright, mid -> EM dark, bright -> either
+        em_to_lm=(0, 2),  # EM dark -> LM dark, EM bright -> LM bright
     )
     real_a = vol([0.5, 0.0, 1.0])  # mid, dark, bright LM
     fake_b = vol([0.0, 1.0, 0.6])  # mid -> dark EM, dark -> bright EM, bright -> anything
@@ -193,7 +193,7 @@ def test_content_loss_accepts_different_domain_shapes() -> None:
     "kwargs",
     [
         {"lm_thresholds": ()},
-        {"lm_thresholds": (0.2, 0.4, 0.6)},
+        {"lm_thresholds": (0.1, 0.2, 0.3, 0.4, 0.5)},  # 6 groups: more than MAX_GROUPS
         {"em_thresholds": (0.6, 0.4)},
         {"em_thresholds": (0.5, 0.5)},
         {"lm_thresholds": (1.5,)},
@@ -216,8 +216,8 @@ def test_content_loss_rejects_bad_config(kwargs: dict[str, object]) -> None:
 
 def test_content_loss_accepts_lists_from_config() -> None:
     loss = IntensityGroupContentLoss(
-        lm_thresholds=[0.4], em_thresholds=[0.45, 0.6], slope=80, lm_to_em=[[0], [1, 2]], em_to_lm=[0, 1, 1]
+        lm_thresholds=[0.4], em_thresholds=[0.45, 0.6], slope=80, lm_to_em=[[0, 2], [1]], em_to_lm=[0, 1, 0]
     )
-    assert loss.lm_to_em == ((0,), (1, 2))
-    assert loss.em_to_lm == (0, 1, 1)
+    assert loss.lm_to_em == ((0, 2), (1,))
+    assert loss.em_to_lm == (0, 1, 0)
     assert "slope=80.0" in repr(loss)

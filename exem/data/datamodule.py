@@ -23,6 +23,7 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchio.transforms.augmentation import RandomTransform
 
+from exem.content_groups import STAINS
 from exem.data.grid import AXIS_NAMES, PatchGrid
 from exem.data.volume import Volume, VolumeError, open_volumes
 
@@ -306,10 +307,12 @@ class UnpairedPatchDataset(Dataset):
             raise IndexError(f"sample id must be ≥ 0, got {i}")
         return np.random.default_rng([self.seed, int(i)])
 
-    def _pick(self, rng: np.random.Generator, regions: Sequence[Region]) -> tuple[int, Coord]:
+    def _pick(
+        self, rng: np.random.Generator, regions: Sequence[Region], patch: Sequence[int] | None = None
+    ) -> tuple[int, Coord]:
         v = int(rng.integers(len(regions)))
         r = regions[v]
-        high = np.asarray(r.shape) - np.asarray(self.patch) + 1
+        high = np.asarray(r.shape) - np.asarray(patch or self.patch) + 1
         start = tuple(int(o + s) for o, s in zip(r.offset, rng.integers(0, high), strict=True))
         return v, start  # type: ignore[return-value]
 
@@ -324,6 +327,31 @@ class UnpairedPatchDataset(Dataset):
         """``{"A": (lm volume index, (z, y, x) start), "B": (em volume index, start)}`` of sample ``i``."""
         a, b, _ = self._draw(i)
         return {"A": a, "B": b}
+
+    def intensity_sample(self, patch: Sequence[int], n_patches: int, seed: int) -> dict[str, np.ndarray]:
+        """Patches of each domain drawn as training draws them (a volume uniformly, a start uniformly in its
+        training region) and normalised as training normalises them, without augmentation (flips and rotations
+        do not change intensities).
+
+        Args:
+            patch: (Z, Y, X) voxels, at most the training patch.
+            n_patches: patches per domain.
+            seed: seed of the draw (independent of the training samples).
+
+        Returns:
+            ``{"lm": (N, Z, Y, X), "em": (N, Z, Y, X)}`` float32 in [0, 1].
+        """
+        patch = tuple(min(int(p), q) for p, q in zip(patch, self.patch, strict=True))
+        out = {}
+        for d, (name, vols, regions) in enumerate(
+            (("lm", self.lm, self.lm_regions), ("em", self.em, self.em_regions))
+        ):
+            rng = np.random.default_rng([int(seed) % 2**63, d])
+            picks = [self._pick(rng, regions, patch) for _ in range(int(n_patches))]
+            out[name] = np.stack(
+                [np.asarray(vols[v].read_normalized(_slices(start, patch)), np.float32) for v, start in picks]
+            )
+        return out
 
     def _patch(self, vol: Volume, start: Coord, seed: int) -> torch.Tensor:
         x = _tensor(vol.read_normalized(_slices(start, self.patch)))
@@ -426,7 +454,8 @@ class ExEMDataModule(L.LightningDataModule):
     Args:
         lm, em: mappings with ``path`` (a store, OME-Zarr, TIFF, a folder of ``*.zarr`` or a list of those),
             ``level``, ``voxel_size`` ([z, y, x] nm), ``intensity_range`` ([lo, hi]),
-            ``percentiles`` ([lo, hi]).
+            ``percentiles`` ([lo, hi]); ``lm`` also ``stain`` (``pan_protein`` | ``direct`` | None), the prior
+            of the content-group fit (:mod:`exem.content_groups`).
         patch_size: (Z, Y, X) voxels; Z = 1 for 2D training.
         batch_size, num_workers: DataLoader settings.
         samples_per_epoch: training samples per epoch (over all ranks).
@@ -473,6 +502,10 @@ class ExEMDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_patches must be ≥ 1, got {val_patches}")
         if prefetch_factor is not None and prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be ≥ 1 or null, got {prefetch_factor}")
+        stain = lm.get("stain") if hasattr(lm, "get") else None
+        if stain is not None and stain not in STAINS:
+            raise ValueError(f"data.lm.stain must be one of {', '.join(STAINS)} or null, got {stain!r}")
+        self.lm_stain: str | None = stain
         self.lm_cfg = lm
         self.em_cfg = em
         self.em_paired_cfg = em_paired
@@ -558,6 +591,25 @@ class ExEMDataModule(L.LightningDataModule):
             self.samples_per_epoch,
             len(self.val_dataset),
         )
+
+    def intensity_sample(self, patch: Sequence[int], n_patches: int, seed: int) -> dict[str, np.ndarray]:
+        """Training-normalised patches of both domains for the content-group fit, and a picture slice of each.
+
+        Returns:
+            ``{"lm", "em"}``: ``(N, Z, Y, X)`` float32 in [0, 1] (:meth:`UnpairedPatchDataset.intensity_sample`);
+            ``{"lm_slice", "em_slice"}``: ``(Y, X)`` float32 in [0, 1], the middle Z slice of each domain's first
+            volume (its central 256 × 256 voxels at most).
+        """
+        self._require_setup()
+        assert self.train_dataset is not None
+        out = self.train_dataset.intensity_sample(patch, n_patches, seed)
+        for name, vol in (("lm", self.lm_volumes[0]), ("em", self.em_volumes[0])):
+            z, y, x = vol.shape
+            h, w = min(y, 256), min(x, 256)
+            y0, x0 = (y - h) // 2, (x - w) // 2
+            sl = vol.read_normalized((slice(z // 2, z // 2 + 1), slice(y0, y0 + h), slice(x0, x0 + w)))
+            out[f"{name}_slice"] = np.asarray(sl, np.float32)[0]
+        return out
 
     def _grid_coords(self, splits: Sequence[Split]) -> list[tuple[int, Coord]]:
         coords = []

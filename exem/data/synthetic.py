@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 SEMANTIC_CLASSES: dict[int, str] = {0: "cytoplasm", 1: "membrane", 2: "mitochondrion", 3: "vesicle"}
 """Class index → name of :attr:`Phantom.semantic`."""
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 """Bumped when the generator's output for a given seed changes; stored in the written groups' attributes."""
 
 DEFAULT_SEEDS: dict[str, int] = {"lm": 1, "em": 2, "test": 3}
@@ -152,7 +152,11 @@ class EMRenderParams:
 
 @dataclass(frozen=True)
 class ExMRenderParams:
-    """Knobs of :func:`render_exm`: relative protein densities (membrane = 1), PSF in nm, camera in counts."""
+    """Knobs of :func:`render_exm`: relative protein densities (mitochondrion = 1), PSF in nm, camera in counts.
+
+    As in pan-protein (NHS-ester) ExM of neuropil: mitochondria are the densest, brightest structures, their
+    cristae barely resolved at this PSF; plasma membranes are thin and dimmer; vesicle clusters bright-ish.
+    """
 
     cytoplasm: float = 0.12
     """Mean cytoplasm density."""
@@ -162,13 +166,13 @@ class ExMRenderParams:
     """Standard deviation of the smooth density texture."""
     texture_scale_nm: float = 40.0
     """Correlation length (Gaussian sigma) of the texture."""
-    membrane: float = 1.0
+    membrane: float = 0.6
     """Membrane density."""
-    mito: float = 0.85
-    """Mitochondrion density."""
-    cristae: float = 1.0
-    """Cristae density."""
-    vesicle: float = 0.8
+    mito: float = 1.0
+    """Mitochondrion (matrix) density."""
+    cristae: float = 1.1
+    """Cristae density (a little above the matrix; lost in the PSF)."""
+    vesicle: float = 0.7
     """Vesicle density (clusters blur into bright-ish blobs)."""
     psf_sigma_nm: tuple[float, float, float] = (45.0, 25.0, 25.0)
     """Gaussian PSF sigma (z, y, x) in nm (in the expanded sample's frame, i.e. divided by the expansion)."""
@@ -766,7 +770,10 @@ def _content(what: str, phantom: Phantom, seed: int) -> np.ndarray:
 
 
 def _existing_matches(path: Path, expected: dict, levels: int) -> bool:
-    """Whether ``path`` is a complete output written with ``expected`` settings; raises if it is not."""
+    """Whether ``path`` is a complete output written with ``expected`` settings; raises if it is not.
+
+    False (regenerate) for a complete output of the same settings written by another
+    :data:`SYNTHETIC_VERSION`."""
     try:
         group = zarr.open_group(str(path), mode="r")
         found = dict(group.attrs).get("exem_synthetic")
@@ -787,6 +794,11 @@ def _existing_matches(path: Path, expected: dict, levels: int) -> bool:
         raise FileExistsError(
             f"{path} exists with {have}, not {want}; pass overwrite=True or use another out_dir"
         )
+    if found.get("version") != expected["version"]:  # our own output, from an older phantom generator
+        log.info(
+            "%s was written by phantom generator version %s; regenerating it", path, found.get("version")
+        )
+        return False
     return True
 
 
@@ -853,6 +865,7 @@ def write_synthetic_dataset(
 
     paths: dict[str, Path] = {}
     todo: list[str] = []
+    replace: set[str] = set()
     expected: dict[str, dict] = {}
     for name, (key, kind, what) in _OUTPUTS.items():
         path = out / f"{name}.zarr"
@@ -865,8 +878,11 @@ def write_synthetic_dataset(
             "content": what,
             "version": SYNTHETIC_VERSION,
         }
-        if overwrite or not path.exists() or not _existing_matches(path, expected[name], levels):
+        if overwrite or not path.exists():
             todo.append(name)
+        elif not _existing_matches(path, expected[name], levels):
+            todo.append(name)
+            replace.add(name)  # a stale output (older generator) is replaced like an overwrite
     if not todo:
         log.info("reusing the synthetic dataset in %s (all %d outputs exist)", out, len(paths))
         return paths
@@ -881,7 +897,7 @@ def write_synthetic_dataset(
             log.info("generating synthetic phantom seed=%d shape=%s voxel=%s nm", seed, shape, vs)
             phantoms[seed] = make_phantom(shape, seed=seed, voxel_size_nm=vs)
         array = _content(what, phantoms[seed], seed)
-        _write_atomic(paths[name], array, vs, chunks, levels, expected[name], overwrite)
+        _write_atomic(paths[name], array, vs, chunks, levels, expected[name], overwrite or name in replace)
     return paths
 
 
