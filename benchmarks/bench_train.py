@@ -106,6 +106,9 @@ def model_config(size: dict[str, Any], variant: str = "fp32") -> dict[str, Any]:
     cfg["discriminator"]["base_filters"] = int(size["base_filters"])
     cfg["image_every_n_steps"] = 0
     cfg["image_dir"] = None
+    cfg["report_dir"] = None
+    # the configured (published) content groups: a step costs the same with fitted ones
+    cfg["loss"]["content"]["auto"] = False
     _, flags = parse_variant(variant)
     cfg["generator"]["activation_checkpointing"] = "ckpt" in flags
     cfg["channels_last"] = "cl" in flags

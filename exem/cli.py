@@ -404,7 +404,7 @@ def segment_main() -> None:
 @one_line_errors("exem-evaluate")
 def evaluate_main(cfg: DictConfig) -> None:
     """``exem-evaluate``: an EM segmenter on virtual EM vs raw ExM (vs real EM) against labels; CSV + PNG."""
-    from exem.analysis.evaluate import evaluate, format_table
+    from exem.analysis.evaluate import dice_ratio_line, evaluate, format_table
     from exem.train import check_missing
 
     _tidy_logging()
@@ -434,6 +434,9 @@ def evaluate_main(cfg: DictConfig) -> None:
     if trainer.is_global_zero:
         print(f"exem-evaluate: segmenter {cfg.segmenter} against {cfg.labels} ({result.seconds:.1f} s)")
         print(format_table(result.rows))
+        ratio = dice_ratio_line(result.rows)
+        if ratio:
+            print(ratio)
         print(f"  table  {result.csv}\n  figure {result.png}")
 
 

@@ -309,6 +309,26 @@ def smooth_inplane(sample: np.ndarray, sigma: float) -> np.ndarray:
     return ndi.gaussian_filter(x, (0,) * (x.ndim - 2) + (float(sigma),) * 2, mode="reflect", truncate=3.0)
 
 
+def check_levels(sample: np.ndarray, groups: int, domain: str) -> np.ndarray:
+    """The unsaturated voxels of ``sample`` (flat float32), after checking they can form ``groups`` groups.
+
+    Raises:
+        CalibrationError: empty, NaN, constant, or fewer distinct levels (of 256 over [0, 1]) than groups.
+    """
+    x, _ = _unsaturated(sample, domain)
+    distinct = np.unique(np.round(x * (OTSU_BINS - 1)).astype(np.int32)) if x.size else np.empty(0)
+    if distinct.size <= 1:
+        raise CalibrationError(
+            f"{domain}: the intensities are constant (or all at the ends of the range); "
+            f"content groups need contrast (check the volume and data.*.intensity_range / percentiles)"
+        )
+    if distinct.size < groups:
+        raise CalibrationError(
+            f"{domain}: only {distinct.size} distinct intensity levels, fewer than the {groups} groups asked for"
+        )
+    return x
+
+
 def otsu_thresholds(sample: np.ndarray, groups: int, domain: str = "volume") -> tuple[float, ...]:
     """Multi-level Otsu thresholds of a normalised intensity sample: ``groups − 1`` increasing floats in (0, 1).
 
@@ -322,17 +342,7 @@ def otsu_thresholds(sample: np.ndarray, groups: int, domain: str = "volume") -> 
     """
     from skimage.filters import threshold_multiotsu
 
-    x, _ = _unsaturated(sample, domain)
-    distinct = np.unique(np.round(x * (OTSU_BINS - 1)).astype(np.int32)) if x.size else np.empty(0)
-    if distinct.size <= 1:
-        raise CalibrationError(
-            f"{domain}: the intensities are constant (or all at the ends of the range); "
-            f"content groups need contrast (check the volume and data.*.intensity_range / percentiles)"
-        )
-    if distinct.size < groups:
-        raise CalibrationError(
-            f"{domain}: only {distinct.size} distinct intensity levels, fewer than the {groups} groups asked for"
-        )
+    x = check_levels(sample, groups, domain)
     counts, edges = np.histogram(x, bins=OTSU_BINS, range=(0.0, 1.0))
     centres = 0.5 * (edges[:-1] + edges[1:])
     try:
@@ -521,6 +531,7 @@ def fit_content_groups(
     notes: list[str] = []
     fits = []
     for domain, sample, groups in (("ExM (data.lm)", lm, lm_groups), ("EM (data.em)", em, em_groups)):
+        check_levels(sample, groups, domain)  # on the data as they are: smoothing makes new levels at edges
         sample = smooth_inplane(sample, smooth_sigma)
         ts = otsu_thresholds(sample, groups, domain)
         x, saturated = _unsaturated(sample, domain)

@@ -551,12 +551,15 @@ class ExEMModule(L.LightningModule):
         fit the content groups (``loss.content.auto``) unless a checkpoint brought a fit."""
         datamodule = getattr(self.trainer, "datamodule", None) if self.trainer else None
         if self.content_settings.auto and self.content_groups is None:
-            if datamodule is None:
-                raise CalibrationError(
-                    "model.loss.content.auto=true needs the training data: pass an ExEMDataModule to fit"
-                    " (or set auto=false with thresholds and mapping)"
+            if hasattr(datamodule, "intensity_sample"):
+                self.fit_content_groups(datamodule)
+            else:
+                log.warning(
+                    "content groups not fitted (model.loss.content.auto=true needs an ExEMDataModule, this fit has"
+                    " plain data loaders): training with the configured thresholds and mapping %s; set"
+                    " model.loss.content.auto=false to say so",
+                    self.content_loss.extra_repr(),
                 )
-            self.fit_content_groups(datamodule)
         volumes = getattr(datamodule, "lm_volumes", None)
         if volumes and volumes[0].voxel_size_nm is not None:
             self.voxel_size_nm = tuple(float(v) for v in volumes[0].voxel_size_nm)

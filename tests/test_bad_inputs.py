@@ -81,7 +81,7 @@ def _training_checkpoint(path: Path, widths: list[int]) -> Path:
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=mouse_cortex", *_train_model_args(widths)])
-    model = instantiate(cfg.model, image_dir=None, _convert_="all")
+    model = instantiate(cfg.model, image_dir=None, report_dir=None, _convert_="all")
     state = {
         "epoch": 0,
         "global_step": 3,

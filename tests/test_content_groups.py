@@ -310,6 +310,17 @@ def test_auto_fits_once_writes_the_report_and_stores_the_fit(pan_protein_stores,
     assert not (tmp_path / "other").exists()
 
 
+def test_auto_without_a_datamodule_warns_and_keeps_the_configured_groups(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    module = _module({"auto": True, "lm_thresholds": [0.3]})
+    module._trainer = _FakeTrainer(None)  # type: ignore[arg-type,assignment]
+    with caplog.at_level("WARNING", logger="exem.module"):
+        module.on_fit_start()
+    assert module.content_groups is None and module.content_loss.lm_thresholds == (0.3,)
+    assert "content groups not fitted" in caplog.text
+
+
 def test_content_loss_groups_are_numbered_dark_to_bright() -> None:
     from exem.losses import intensity_groups
 

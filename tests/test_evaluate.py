@@ -12,7 +12,7 @@ import torch
 import zarr
 from PIL import Image
 
-from exem.analysis.evaluate import COLUMNS, evaluate
+from exem.analysis.evaluate import COLUMNS, dice_ratio_line, evaluate
 from exem.analysis.metrics import dice
 from exem.models import AnisotropicUNet3D
 from tests.conftest import run_cli
@@ -63,6 +63,15 @@ def test_evaluate_cli_writes_table_and_figure(setup: dict[str, Path]) -> None:
     assert png.size[0] > 3 * 64 and png.size[1] > 3 * 64  # three rows of three tiles
     assert "virtual_em" in proc.stdout and "adapted_rand_error" in proc.stdout
     assert str(out / "evaluation.csv") in proc.stdout
+    ratio = float(rows[1]["dice"]) / float(rows[0]["dice"])
+    assert f"Dice relative to EM ({float(rows[0]['dice']):.4f}): virtual EM {ratio:.2f}×" in proc.stdout
+
+
+def test_dice_ratio_line() -> None:
+    rows = [{"input": "em", "dice": 0.8}, {"input": "virtual_em", "dice": 0.4}, {"input": "exm", "dice": 0.0}]
+    assert dice_ratio_line(rows) == "Dice relative to EM (0.8000): virtual EM 0.50×, raw ExM 0.00×"
+    assert dice_ratio_line(rows[1:]) is None
+    assert dice_ratio_line([{"input": "em", "dice": 0.0}, rows[1]]) is None
 
 
 def test_evaluate_api_semantic_labels_without_em(setup: dict[str, Path]) -> None:

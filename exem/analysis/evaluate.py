@@ -163,6 +163,18 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def dice_ratio_line(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """``"Dice relative to EM: virtual EM 0.61×, raw ExM 0.00×"`` when the rows hold an ``em`` row with Dice > 0,
+    else None: how much of what the segmenter reaches on real EM the virtual EM keeps."""
+    dice = {str(r["input"]): float(r["dice"]) for r in rows}
+    ref = dice.get("em")
+    if ref is None or not ref > 0:
+        return None
+    parts = [f"{label} {dice[name] / ref:.2f}×" for name, label in (("virtual_em", "virtual EM"), ("exm", "raw ExM"))
+             if name in dice]  # fmt: skip
+    return f"Dice relative to EM ({ref:.4f}): " + ", ".join(parts)
+
+
 def _figure(
     images: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray], truth_mask: np.ndarray, path: Path
 ) -> Path:

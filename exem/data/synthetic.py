@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 SEMANTIC_CLASSES: dict[int, str] = {0: "cytoplasm", 1: "membrane", 2: "mitochondrion", 3: "vesicle"}
 """Class index → name of :attr:`Phantom.semantic`."""
 
-SYNTHETIC_VERSION = 2
+SYNTHETIC_VERSION = 3
 """Bumped when the generator's output for a given seed changes; stored in the written groups' attributes."""
 
 DEFAULT_SEEDS: dict[str, int] = {"lm": 1, "em": 2, "test": 3}
@@ -79,9 +79,10 @@ class PhantomParams:
     """Boundaries between slices are membrane only this close (in-plane) to a boundary within a slice:
     shallower, en-face membrane parts are not drawn (they would cover whole areas of a slice)."""
     # mitochondria
-    mito_per_um3: float = 3.0
-    """Number of mitochondria per µm³ (at least one is attempted in any volume)."""
-    mito_radius_nm: tuple[float, float] = (55.0, 110.0)
+    mito_per_um3: float = 5.0
+    """Number of mitochondria per µm³ (at least one is attempted in any volume); with the radii below about 6 % of
+    the volume, as in cortical neuropil."""
+    mito_radius_nm: tuple[float, float] = (70.0, 140.0)
     """Radius range; a mitochondrion is made thinner where its neurite is thin."""
     mito_min_radius_nm: float = 35.0
     """Mitochondria that would need to be thinner than this to fit are not placed."""
