@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,13 @@ def test_demo_writes_checkpoint_metrics_and_panels(demo_run: Path) -> None:
         assert col in header, header
     pngs = sorted((demo_run / "images").glob("*.png"))
     assert any(p.name.startswith("train_") for p in pngs) and any(p.name.startswith("val_") for p in pngs)
+    # content groups fitted before the first step (model.loss.content.auto): stored in the checkpoint, written out
+    content = state["hyper_parameters"]["loss"]["content"]
+    assert content["em_to_lm"][0] == 1 and 0 in content["lm_to_em"][1]  # EM dark ↔ ExM bright (pan-protein)
+    assert content["lm_fractions"] and content["score"] > 0.5
+    record = json.loads((demo_run / "content_groups.json").read_text())
+    assert record["em_to_lm"] == content["em_to_lm"] and record["lm_thresholds"] == content["lm_thresholds"]
+    assert (demo_run / "content_groups.png").is_file()
 
 
 def test_resume_continues_step_counter(demo_run: Path, synthetic_dir: Path, tmp_path: Path) -> None:
@@ -74,6 +82,10 @@ def test_resume_continues_step_counter(demo_run: Path, synthetic_dir: Path, tmp_
     assert state["exem_batch_step"] == 4  # continued from 2, so the content decay continues too
     assert len(state["optimizer_states"]) == 3
     assert all(s["state"] for s in state["optimizer_states"])  # Adam moments restored and updated
+    # the resumed run trains with the stored content groups: same record, no new fit
+    first = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["loss"]["content"]
+    assert state["hyper_parameters"]["loss"]["content"] == first
+    assert not (run_dir / "content_groups.json").exists()
 
 
 def test_multirun_two_jobs(synthetic_dir: Path, tmp_path: Path) -> None:
