@@ -55,6 +55,13 @@ PROBE = textwrap.dedent(
                 return real_panel(*args, **kwargs)
 
             exem.module.save_panel = panel
+            real_fit = exem.module.fit_from_datamodule
+
+            def fit(*args, **kwargs):
+                self.record(event="content_fit")
+                return real_fit(*args, **kwargs)
+
+            exem.module.fit_from_datamodule = fit
             io = trainer.strategy.checkpoint_io
             real_save = io.save_checkpoint
 
@@ -67,6 +74,9 @@ PROBE = textwrap.dedent(
                 event="setup", world=trainer.world_size, io=type(io).__name__,
                 loggers=[type(lg.experiment).__name__ for lg in trainer.loggers],
             )
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.record(event="content_groups", groups=pl_module.content_groups.as_config())
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             sampler = trainer.train_dataloader.sampler
@@ -129,6 +139,12 @@ def test_two_process_ddp_agrees_shards_and_writes_once(synthetic_dir: Path, tmp_
     assert [s["world"] for s in setups] == [2, 2]
     assert {s["io"] for s in setups} == {"AtomicCheckpointIO"}
     assert setups[0]["loggers"] == ["ExperimentWriter"] and setups[1]["loggers"] == ["_DummyExperiment"]
+
+    # rank 0 alone fits the content groups; every rank trains with its fit
+    fits = [[e for e in events if e["event"] == "content_fit"] for events in ranks]
+    assert [len(f) for f in fits] == [1, 0]
+    groups = [[e["groups"] for e in events if e["event"] == "content_groups"] for events in ranks]
+    assert len(groups[0]) == 1 and groups[0] == groups[1]
 
     # the ranks agree on all weights after every step
     steps = [[(e["batch_step"], e["weights"]) for e in events if e["event"] == "step"] for events in ranks]

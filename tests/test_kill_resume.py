@@ -217,6 +217,7 @@ TRAIN = [
     "model.generator.widths=[4,8,16]",
     "model.discriminator.base_filters=4",
     "model.replay_buffer_size=2",
+    "model.loss.content_decay_steps=100",  # a decay that shows within 8 batches
     "+model.scheduler={name:cosine_warm_restarts,T_0:4,T_mult:1,eta_min_fraction:0.1}",
     "model.image_every_n_steps=0",
     "trainer.max_steps=24",  # 8 batches
