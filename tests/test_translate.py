@@ -342,3 +342,64 @@ def load_generator_copy(net: AnisotropicUNet3D) -> AnisotropicUNet3D:
     copy = AnisotropicUNet3D(widths=net.widths)
     copy.load_state_dict(net.state_dict())
     return copy.eval()
+
+
+class _Recording(AnisotropicUNet3D):
+    """A generator that records the mode and device changes made to it."""
+
+    def __init__(self) -> None:
+        super().__init__(widths=(4, 8, 16))
+        self.register_buffer("gain", torch.ones(()))
+        self.calls: list[tuple[str, object]] = []
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        self.calls.append(("train", mode))
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cpu(), .cuda(), .double() all come through here
+        self.calls.append(("apply", getattr(fn, "__name__", "fn")))
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain
+
+
+def test_translate_leaves_the_callers_module_as_it_was(exm, tmp_path, monkeypatch) -> None:
+    """Lightning's predict puts its module in eval mode and, at the end, moves it to the CPU; the caller's generator
+    (e.g. one still training on a GPU) comes back on its devices, in its dtype and mode, with the same parameters.
+
+    There is no GPU here, so the end-of-run move is made visible as a dtype change: the strategy's teardown first
+    turns the module to float64 (on a GPU it is ``.cpu()``, the same ``_apply`` path)."""
+    from lightning.pytorch.strategies import Strategy
+
+    real_teardown = Strategy.teardown
+
+    def teardown(self) -> None:
+        if self.lightning_module is not None:
+            self.lightning_module.double()
+        real_teardown(self)
+
+    monkeypatch.setattr(Strategy, "teardown", teardown)
+    net = _Recording().train()
+    params = list(net.parameters())
+    net.calls.clear()
+    translate_volume(net, exm, tmp_path / "out.ome.zarr", **{**KW, "roi": [0, 8, 0, 64, 0, 64]})
+    assert ("train", False) in net.calls and any(c[0] == "apply" for c in net.calls)  # Lightning did both
+    assert net.training and all(m.training for m in net.modules())
+    assert all(p is q for p, q in zip(params, net.parameters(), strict=True))
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in net.parameters())
+    assert net.gain.dtype == torch.float32
+
+
+def test_module_state_kept_restores_dtype_buffers_and_modes() -> None:
+    from exem.inference.engine import module_state_kept
+
+    net = _Recording().train()
+    net.blocks_eval = torch.nn.Dropout().eval()  # a submodule in its own mode
+    weight = next(net.parameters())
+    with module_state_kept(net):
+        net.double().eval()
+        assert weight.dtype == torch.float64 and net.gain.dtype == torch.float64
+    assert weight.dtype == torch.float32 and next(net.parameters()) is weight
+    assert net.gain.dtype == torch.float32
+    assert net.training and not net.blocks_eval.training

@@ -34,6 +34,7 @@ How it works
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -77,6 +78,7 @@ __all__ = [
     "default_trainer",
     "done_blocks",
     "level_chunks",
+    "module_state_kept",
     "plan_blocks",
     "resolve_region",
     "run_blockwise",
@@ -1028,6 +1030,34 @@ def default_trainer(**overrides: Any) -> L.Trainer:
         return L.Trainer(**kwargs)
 
 
+@contextlib.contextmanager
+def module_state_kept(net: nn.Module) -> Iterator[None]:
+    """Give the caller's ``net`` back as it came: each parameter and buffer on its device and in its dtype, each
+    submodule in its train/eval mode.
+
+    Lightning puts the module it predicts with in eval mode and, when the run ends, moves it to the CPU; ``net``
+    is a submodule of that module and is the caller's own (e.g. a generator still being trained on a GPU).
+    Tensors are moved back through ``.data``, so parameter objects (and optimizers holding them) stay valid.
+    """
+    params = [(p, p.device, p.dtype) for p in net.parameters()]
+    buffers = [
+        (m, name, b.device, b.dtype) for m in net.modules() for name, b in m.named_buffers(recurse=False)
+    ]
+    modes = [(m, m.training) for m in net.modules()]
+    try:
+        yield
+    finally:
+        for p, device, dtype in params:  # .to()/.cpu() change parameters in place (p.data)
+            if p.device != device or p.dtype != dtype:
+                p.data = p.data.to(device=device, dtype=dtype)
+        for m, name, device, dtype in buffers:  # ... and replace buffers by new tensors
+            b = getattr(m, name)
+            if isinstance(b, Tensor) and (b.device != device or b.dtype != dtype):
+                setattr(m, name, b.to(device=device, dtype=dtype))
+        for m, training in modes:
+            m.training = training
+
+
 def _local_root(output: str | Path | zarr.Group) -> Path:
     if isinstance(output, zarr.Group):
         root = getattr(output.store, "root", None)
@@ -1151,7 +1181,7 @@ def run_blockwise(
     t0 = time.perf_counter()
     trainer.callbacks.append(writer)
     try:
-        with lightning_noise_silenced():
+        with lightning_noise_silenced(), module_state_kept(net):
             warnings.filterwarnings("ignore", message=".*across ranks is zero.*")  # every block already done
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # num_workers is ours
             trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
