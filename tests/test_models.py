@@ -87,8 +87,14 @@ def test_generator_state_dict_matches_published_keys() -> None:
 
 
 def test_generator_loads_published_state_dict_strictly() -> None:
-    state = {k: torch.zeros(shape) for k, shape in published_keys()}
-    AnisotropicUNet3D().load_state_dict(state, strict=True)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(shape, generator=g) for k, shape in published_keys()}
+    net = AnisotropicUNet3D()
+    result = net.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    own = net.state_dict()
+    assert list(own) == list(state)  # same keys, in the published order
+    assert all(torch.equal(own[k], v) for k, v in state.items())  # every tensor landed where it belongs
 
 
 def test_generator_names_are_generic_over_levels() -> None:
