@@ -42,6 +42,7 @@ from torch import nn
 from exem.analysis.instances import CONNECTIVITY
 from exem.analysis.metrics import adapted_rand_error, dice, image_quality, iou, variation_of_information
 from exem.analysis.segment import load_segmenter, segment_volume
+from exem.checks import fmt_voxels
 from exem.data.volume import Volume, open_volume
 from exem.inference.engine import resolve_region
 from exem.inference.translate import translate_volume
@@ -80,10 +81,6 @@ class EvaluationResult:
     virtual_em: Path
     segmentations: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def _fmt(shape: Sequence[int]) -> str:
-    return "×".join(str(int(s)) for s in shape)
 
 
 def _read_all(volume: Volume, roi: Sequence[int] | None, normalized: bool) -> np.ndarray:
@@ -260,8 +257,8 @@ def evaluate(
     for name, vol in (("exm", exm_volume), ("em", em_volume)):
         if vol is not None and vol.shape != labels_volume.shape:
             raise ValueError(
-                f"{name} {vol.path} has shape {_fmt(vol.shape)} but the labels {labels_volume.path} have"
-                f" {_fmt(labels_volume.shape)}; give volumes of the same sample on the same voxel grid"
+                f"{name} {vol.path} has shape {fmt_voxels(vol.shape)} but the labels {labels_volume.path} have"
+                f" {fmt_voxels(labels_volume.shape)}; give volumes of the same sample on the same voxel grid"
             )
 
     translation = translate_volume(

@@ -42,11 +42,11 @@ from torch import Tensor, nn
 
 from exem.analysis.instances import CONNECTIVITY, check_watershed_size, label_components, seeded_watershed
 from exem.checkpoints import _first_line
+from exem.checks import triple
 from exem.data.volume import Volume
 from exem.inference.engine import (
     _alignment,
     _round_up,
-    _triple,
     level_chunks,
     resolve_region,
     run_blockwise,
@@ -282,7 +282,7 @@ def _check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
             out[key] = _pair(value, key, where)
         elif key in ("patch", "overlap"):
             try:
-                out[key] = list(_triple(value, key))
+                out[key] = list(triple(value, key))
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: {key} must be 3 integers [z, y, x], got {value!r}") from None
         elif key in ("threshold", "sigma"):
@@ -493,7 +493,7 @@ def _label_block(
 ) -> tuple[int, int, int]:
     """Post-processing block: ``requested`` rounded up to whole chunks of every level, capped by the shape."""
     align = _alignment(level_chunks(shape, chunks, LEVELS))
-    req = _triple(requested, "label_block")
+    req = triple(requested, "label_block")
     if min(req) < 1:
         raise ValueError(f"label_block must be positive, got {list(req)}")
     return tuple(min(s, _round_up(b, a)) for s, b, a in zip(shape, req, align, strict=True))  # type: ignore[return-value]
@@ -622,9 +622,9 @@ def segment_volume(
         extent = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
         patch3 = tuple(min(p, s) for p, s in zip(DEFAULT_PATCH, extent, strict=True))
     else:
-        patch3 = _triple(opts["patch"], "patch")
+        patch3 = triple(opts["patch"], "patch")
     _check_patch(segmenter, patch3)  # type: ignore[arg-type]
-    overlap3 = default_overlap(patch3) if opts["overlap"] is None else _triple(opts["overlap"], "overlap")
+    overlap3 = default_overlap(patch3) if opts["overlap"] is None else triple(opts["overlap"], "overlap")
     plan, chunks3, voxel = plan_output(volume, patch3, overlap3, roi, chunks, block_shape, trainer)
     shape = plan.shape
     lblock = _label_block(shape, chunks3, label_block)  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchio.transforms.augmentation import RandomTransform
 
+from exem.checks import fmt_voxels
 from exem.content_groups import STAINS
 from exem.data.grid import AXIS_NAMES, PatchGrid
 from exem.data.volume import Volume, VolumeError, open_volumes
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 Coord = tuple[int, int, int]
 # Axis preference when choosing the validation axis: on ties Y wins, then X, then Z.
 VAL_AXIS_PREFERENCE = (1, 2, 0)
-
-
-def _fmt(values: Sequence[int]) -> str:
-    return "×".join(str(int(v)) for v in values)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,7 +206,7 @@ def split_volume(shape: Sequence[int], patch: Sequence[int], val_fraction: float
     for ax in range(3):
         if patch[ax] > shape[ax]:
             raise VolumeError(
-                f"{name}: patch {_fmt(patch)} is larger than the volume {_fmt(shape)}"
+                f"{name}: patch {fmt_voxels(patch)} is larger than the volume {fmt_voxels(shape)}"
                 f" on axis {AXIS_NAMES[ax]}"
             )
     axis = VAL_AXIS_PREFERENCE[0]
@@ -219,7 +216,7 @@ def split_volume(shape: Sequence[int], patch: Sequence[int], val_fraction: float
     s, p = shape[axis], patch[axis]
     if s < 2 * p:
         raise VolumeError(
-            f"{name}: volume {_fmt(shape)} has no room for a training and a validation patch {_fmt(patch)}"
+            f"{name}: volume {fmt_voxels(shape)} has no room for a training and a validation patch {fmt_voxels(patch)}"
             f" (needs {2 * p} voxels along axis {AXIS_NAMES[axis]}, has {s});"
             " use a smaller patch or more data"
         )
@@ -292,8 +289,8 @@ class UnpairedPatchDataset(Dataset):
                 for ax in range(3):
                     if self.patch[ax] > r.shape[ax]:
                         raise VolumeError(
-                            f"{v.path}: patch {_fmt(self.patch)} is larger than the training region"
-                            f" {_fmt(r.shape)} on axis {AXIS_NAMES[ax]}"
+                            f"{v.path}: patch {fmt_voxels(self.patch)} is larger than the training region"
+                            f" {fmt_voxels(r.shape)} on axis {AXIS_NAMES[ax]}"
                         )
         self.seed = int(seed) % 2**63
         self.augment = bool(augment)
@@ -557,8 +554,8 @@ class ExEMDataModule(L.LightningDataModule):
             ref = self.lm_volumes[0]
             if self.em_paired_volume.shape != ref.shape:
                 raise VolumeError(
-                    f"{self.em_paired_volume.path}: paired EM shape {_fmt(self.em_paired_volume.shape)}"
-                    f" differs from the LM volume {ref.path} ({_fmt(ref.shape)}); they must be voxel-aligned"
+                    f"{self.em_paired_volume.path}: paired EM shape {fmt_voxels(self.em_paired_volume.shape)}"
+                    f" differs from the LM volume {ref.path} ({fmt_voxels(ref.shape)}); they must be voxel-aligned"
                 )
         self._log_voxel_sizes()
 
@@ -587,7 +584,7 @@ class ExEMDataModule(L.LightningDataModule):
             "data: %d LM / %d EM volume(s), patch %s, %d training samples per epoch, %d validation items",
             len(self.lm_volumes),
             len(self.em_volumes),
-            _fmt(self.patch_size),
+            fmt_voxels(self.patch_size),
             self.samples_per_epoch,
             len(self.val_dataset),
         )

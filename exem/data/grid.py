@@ -7,20 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from exem.checks import fmt_voxels, triple
+
 AXIS_NAMES = ("z", "y", "x")
-
-
-def _triple(value: Sequence[int] | int, name: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        return (int(value),) * 3
-    values = tuple(int(v) for v in value)
-    if len(values) != 3:
-        raise ValueError(f"{name} must have 3 values (z, y, x), got {list(value)}")
-    return values  # type: ignore[return-value]
-
-
-def _fmt(values: Sequence[int]) -> str:
-    return "×".join(str(int(v)) for v in values)
 
 
 def axis_starts(size: int, patch: int, step: int) -> list[int]:
@@ -48,21 +37,21 @@ class PatchGrid:
     """
 
     def __init__(self, shape: Sequence[int], patch: Sequence[int], overlap: Sequence[int] | int = 0) -> None:
-        self.shape = _triple(shape, "shape")
-        self.patch = _triple(patch, "patch")
-        self.overlap = _triple(overlap, "overlap")
+        self.shape = triple(shape, "shape")
+        self.patch = triple(patch, "patch")
+        self.overlap = triple(overlap, "overlap")
         for ax, (s, p, o) in enumerate(zip(self.shape, self.patch, self.overlap, strict=True)):
             name = AXIS_NAMES[ax]
             if p < 1:
-                raise ValueError(f"patch {_fmt(self.patch)} must be at least 1 voxel on axis {name}")
+                raise ValueError(f"patch {fmt_voxels(self.patch)} must be at least 1 voxel on axis {name}")
             if p > s:
                 raise ValueError(
-                    f"patch {_fmt(self.patch)} is larger than the volume {_fmt(self.shape)} on axis {name}"
+                    f"patch {fmt_voxels(self.patch)} is larger than the volume {fmt_voxels(self.shape)} on axis {name}"
                 )
             if not 0 <= o < p:
                 raise ValueError(
-                    f"overlap {_fmt(self.overlap)} must be ≥ 0 and smaller than the patch {_fmt(self.patch)}"
-                    f" on axis {name}"
+                    f"overlap {fmt_voxels(self.overlap)} must be ≥ 0 and smaller than the patch"
+                    f" {fmt_voxels(self.patch)} on axis {name}"
                 )
         self.step = tuple(p - o for p, o in zip(self.patch, self.overlap, strict=True))
         self.starts: tuple[list[int], list[int], list[int]] = tuple(  # type: ignore[assignment]
@@ -105,6 +94,6 @@ class PatchGrid:
 
     def __repr__(self) -> str:
         return (
-            f"PatchGrid(shape={_fmt(self.shape)}, patch={_fmt(self.patch)}, overlap={_fmt(self.overlap)},"
-            f" patches={_fmt(self.num_per_axis)})"
+            f"PatchGrid(shape={fmt_voxels(self.shape)}, patch={fmt_voxels(self.patch)},"
+            f" overlap={fmt_voxels(self.overlap)}, patches={fmt_voxels(self.num_per_axis)})"
         )

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from exem.checks import fmt_voxels
 from exem.data.ome import level_scale, read_multiscales
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,6 @@ def normalize(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "×".join(str(int(s)) for s in shape)
 
 
 class _SqueezedArray:
@@ -484,7 +481,7 @@ def open_volume(
     if dtype.kind not in "uif":
         raise VolumeError(f"{path}: dtype {dtype} is not numeric (need an integer or float dtype)")
     if min(shape) == 0:
-        raise VolumeError(f"{path}: volume is empty (shape {_fmt_shape(shape)})")
+        raise VolumeError(f"{path}: volume is empty (shape {fmt_voxels(shape)})")
 
     if voxel_size is not None:
         voxel: tuple[float, float, float] | None = _voxel_size(voxel_size, "voxel size", path)

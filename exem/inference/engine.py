@@ -57,6 +57,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from exem.checks import fmt_voxels, triple
 from exem.data.grid import AXIS_NAMES, PatchGrid
 from exem.data.ome import downsample_inplane
 from exem.data.volume import Volume
@@ -97,19 +98,6 @@ DEFAULT_NUM_WORKERS = 2
 WRITE_QUEUE_SIZE = 2
 DONE_DIR = ".exem_done"
 OUT_DTYPES = ("uint8", "float16", "float32")
-
-
-def _fmt(values: Sequence[int]) -> str:
-    return "×".join(str(int(v)) for v in values)
-
-
-def _triple(values: Sequence[int] | int, name: str) -> tuple[int, int, int]:
-    if isinstance(values, (int, np.integer)):
-        return (int(values),) * 3
-    out = tuple(int(v) for v in values)
-    if len(out) != 3:
-        raise ValueError(f"{name} must have 3 values (z, y, x), got {list(values)}")
-    return out  # type: ignore[return-value]
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -227,8 +215,8 @@ def resolve_region(
     Raises:
         ValueError: one line naming the axis and the problem.
     """
-    shape = _triple(volume_shape, "volume shape")
-    patch = _triple(patch, "patch")
+    shape = triple(volume_shape, "volume shape")
+    patch = triple(patch, "patch")
     if roi is None:
         region = (0, shape[0], 0, shape[1], 0, shape[2])
     else:
@@ -246,9 +234,9 @@ def resolve_region(
             if a < 0 or b > shape[ax]:
                 raise ValueError(f"ROI {name} {a}:{b} is outside the volume ({name} size {shape[ax]})")
         if b - a < patch[ax]:
-            what = f"ROI {name} {a}:{b}" if roi is not None else f"volume {_fmt(shape)}"
+            what = f"ROI {name} {a}:{b}" if roi is not None else f"volume {fmt_voxels(shape)}"
             raise ValueError(
-                f"patch {_fmt(patch)} is larger than the {what} on axis {name}"
+                f"patch {fmt_voxels(patch)} is larger than the {what} on axis {name}"
                 f" ({patch[ax]} > {b - a} voxels); use a smaller patch"
             )
     return region  # type: ignore[return-value]
@@ -350,21 +338,21 @@ def plan_blocks(
     Raises:
         ValueError: bad ROI, patch larger than the region, bad overlap or block shape.
     """
-    patch = _triple(patch, "patch")
+    patch = triple(patch, "patch")
     region = resolve_region(volume_shape, roi, patch)
     shape = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
     grid = PatchGrid(shape, patch, overlap)
     if chunks is None:
         align: tuple[int, int, int] = (1, 1, 1)
     else:
-        chunk0 = _triple(chunks, "chunks")
+        chunk0 = triple(chunks, "chunks")
         if min(chunk0) < 1:
             raise ValueError(f"chunks must be positive, got {list(chunk0)}")
         align = _alignment(level_chunks(shape, chunk0, levels))
     if block_shape is None:
         bshape = _default_block_shape(shape, patch, align, int(block_voxels))
     else:
-        requested = _triple(block_shape, "block_shape")
+        requested = triple(block_shape, "block_shape")
         if min(requested) < 1:
             raise ValueError(f"block_shape must be positive, got {list(requested)}")
         bshape = tuple(min(s, _round_up(b, a)) for s, b, a in zip(shape, requested, align, strict=True))  # type: ignore[assignment]
@@ -494,14 +482,16 @@ def _check_output(arrays: Sequence[zarr.Array], plan: BlockPlan, root: Path, out
         want = tuple(-(-s // k) for s, k in zip(plan.shape, f, strict=True))
         got = tuple(arr.shape[-3:])
         if got != want or arr.ndim not in (3, 4):
-            raise ValueError(f"{root}: level {lvl} has shape {tuple(arr.shape)}, expected (C,) {_fmt(want)}")
+            raise ValueError(
+                f"{root}: level {lvl} has shape {tuple(arr.shape)}, expected (C,) {fmt_voxels(want)}"
+            )
         chunks = tuple(arr.chunks[-3:])
         for ax in range(3):
             step = chunks[ax] * f[ax]
             if plan.block_shape[ax] % step and plan.block_shape[ax] < plan.shape[ax]:
                 raise ValueError(
-                    f"{root}: level {lvl} chunks {_fmt(chunks)} are not aligned with blocks of"
-                    f" {_fmt(plan.block_shape)}; blocks would share chunks"
+                    f"{root}: level {lvl} chunks {fmt_voxels(chunks)} are not aligned with blocks of"
+                    f" {fmt_voxels(plan.block_shape)}; blocks would share chunks"
                 )
         if arr.ndim == 4 and arr.chunks[0] != arr.shape[0]:
             raise ValueError(f"{root}: level {lvl} must hold all channels in one chunk")
@@ -928,7 +918,7 @@ class BlockWriter(BasePredictionWriter):
             data = data[None]
         if tuple(data.shape[1:]) != block.shape:
             raise ValueError(
-                f"block {block.id}: data of shape {data.shape} for a block of {_fmt(block.shape)}"
+                f"block {block.id}: data of shape {data.shape} for a block of {fmt_voxels(block.shape)}"
             )
         level_data = data
         for lvl, arr in enumerate(self._arrays):
@@ -1127,7 +1117,7 @@ def run_blockwise(
         RuntimeError: blocks still missing after the run.
     """
     root = _local_root(output)
-    patch = _triple(patch, "patch")
+    patch = triple(patch, "patch")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {out_dtype!r}")
     if prepare is None:
@@ -1156,9 +1146,9 @@ def run_blockwise(
         "%s: %d block(s) of ≤ %s voxels, %d patches of %s (%.1f%% extra work at block borders)",
         root,
         len(plan.blocks),
-        _fmt(plan.block_shape),
+        fmt_voxels(plan.block_shape),
         len(plan.grid),
-        _fmt(patch),
+        fmt_voxels(patch),
         100 * plan.duplicate_fraction,
     )
     predictor = BlockPredictor(

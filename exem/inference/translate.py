@@ -25,6 +25,7 @@ import zarr
 from torch import nn
 
 from exem.checkpoints import trained_normalization
+from exem.checks import triple
 from exem.data.ome import create_ome_zarr
 from exem.data.resample import RescaledNetwork, resample_volume, same_voxel_size, scale_roi
 from exem.data.volume import Volume, open_volume
@@ -33,7 +34,6 @@ from exem.inference.engine import (
     DEFAULT_NUM_WORKERS,
     OUT_DTYPES,
     BlockPlan,
-    _triple,
     done_blocks,
     plan_blocks,
     resolve_region,
@@ -115,7 +115,7 @@ class TranslateResult:
 def default_overlap(patch: Sequence[int]) -> tuple[int, int, int]:
     """25 % of the patch per axis, rounded to an even number of voxels (0 for an axis of size 1)."""
     out = []
-    for p in _triple(patch, "patch"):
+    for p in triple(patch, "patch"):
         o = 2 * round(p * DEFAULT_OVERLAP_FRACTION / 2)
         out.append(min(o, p - 1) if p > 1 else 0)
     return tuple(out)  # type: ignore[return-value]
@@ -123,7 +123,7 @@ def default_overlap(patch: Sequence[int]) -> tuple[int, int, int]:
 
 def default_chunks(shape: Sequence[int], patch: Sequence[int]) -> tuple[int, int, int]:
     """Output chunks ``(2·patch_z, 256, 256)`` capped by the output shape."""
-    pz = _triple(patch, "patch")[0]
+    pz = triple(patch, "patch")[0]
     want = (2 * pz, DEFAULT_CHUNK_YX, DEFAULT_CHUNK_YX)
     return tuple(min(int(c), int(s)) for c, s in zip(want, shape, strict=True))  # type: ignore[return-value]
 
@@ -333,7 +333,7 @@ def plan_output(
     if chunks is None:
         chunks3 = default_chunks(shape, patch)
     else:
-        chunks3 = tuple(min(int(c), s) for c, s in zip(_triple(chunks, "chunks"), shape, strict=True))
+        chunks3 = tuple(min(int(c), s) for c, s in zip(triple(chunks, "chunks"), shape, strict=True))
         if min(chunks3) < 1:
             raise ValueError(f"chunks must be positive, got {list(chunks)}")
     plan = plan_blocks(
@@ -511,10 +511,10 @@ def translate_volume(
     net, volume, roi, resampled = _apply_scale(
         generator, volume, roi, model_nm, bool(resample), str(output_scale)
     )
-    patch3 = _triple(patch, "patch")
+    patch3 = triple(patch, "patch")
     _check_patch(generator, patch3)
     if overlap is not None:
-        overlap3 = _triple(overlap, "overlap")
+        overlap3 = triple(overlap, "overlap")
     if isinstance(net, RescaledNetwork):  # patch and overlap are the model's voxels; the grid is the input's
         model_patch = patch3
         patch3 = net.input_patch(model_patch)

@@ -7,9 +7,9 @@ GAN scores, no final activation).
 
 from __future__ import annotations
 
-import operator
-
 from torch import Tensor, nn
+
+from exem.checks import positive_int
 
 __all__ = ["MultiScaleDiscriminator3D", "PatchDiscriminator3D"]
 
@@ -18,18 +18,6 @@ _NUM_BLOCKS = 4  # stride-2 blocks per scale: widths f, 2f, 4f, 8f
 _BLOCK_KERNEL = (3, 4, 4)
 _BLOCK_STRIDE = (1, 2, 2)
 _BLOCK_PADDING = (1, 1, 1)
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class PatchDiscriminator3D(nn.Module):
@@ -82,9 +70,9 @@ class MultiScaleDiscriminator3D(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_scales: int = 2, base_filters: int = 64) -> None:
         super().__init__()
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.num_scales = _positive_int("num_scales", num_scales)
-        self.base_filters = _positive_int("base_filters", base_filters)
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.num_scales = positive_int("num_scales", num_scales)
+        self.base_filters = positive_int("base_filters", base_filters)
         self.scales = nn.ModuleList(
             PatchDiscriminator3D(self.in_channels, self.base_filters) for _ in range(self.num_scales)
         )

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from exem.checks import positive_int
+
 __all__ = ["AnisotropicUNet3D", "ResidualTripleConv3D", "group_count"]
 
 # GroupNorm group counts used by the published code; it raised for any other width.
@@ -105,18 +107,6 @@ def _validate_widths(widths: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class AnisotropicUNet3D(nn.Module):
     """Anisotropic residual 3D U-Net (the published ExEM generator).
 
@@ -153,8 +143,8 @@ class AnisotropicUNet3D(nn.Module):
     ) -> None:
         super().__init__()
         self.activation_checkpointing = bool(activation_checkpointing)
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.out_channels = _positive_int("out_channels", out_channels)
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_channels = positive_int("out_channels", out_channels)
         self.widths: tuple[int, ...] = _validate_widths(widths)
         self.levels = len(self.widths)
         self.divisor = 2 ** (self.levels - 1)
