@@ -91,17 +91,10 @@ class ResidualTripleConv3D(nn.Module):
 def _validate_widths(widths: Sequence[int]) -> tuple[int, ...]:
     if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
         raise ValueError(f"widths must be a sequence of positive ints, got {widths!r}")
-    out = []
-    for w in widths:
-        if isinstance(w, bool):
-            raise ValueError(f"widths must be a sequence of positive ints, got {tuple(widths)!r}")
-        try:
-            w = operator.index(w)
-        except TypeError:
-            raise ValueError(f"widths must be a sequence of positive ints, got {tuple(widths)!r}") from None
-        if w < 1:
-            raise ValueError(f"widths must be a sequence of positive ints, got {tuple(widths)!r}")
-        out.append(w)
+    try:
+        out = [positive_int("widths", w) for w in widths]
+    except ValueError:
+        raise ValueError(f"widths must be a sequence of positive ints, got {tuple(widths)!r}") from None
     if len(out) < 2:
         raise ValueError(f"widths needs at least 2 levels (encoder + one pooled level), got {tuple(out)!r}")
     return tuple(out)
