@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the generator loss terms (``model.loss``), published ExEM defaults.
+
+    ``G = lambda_gan·(adv_AB + adv_BA) + lambda_cycle·cycle + lambda_content·2^(−batch/content_decay_steps)·content
+    (+ lambda_identity·identity)``; ``content`` holds the content-loss settings (:class:`IntensityGroupContentLoss`
+    arguments and :class:`~exem.content_groups.ContentFitSettings`).
+    """
+
+    lambda_gan: float = 1.0
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 0.0
+    lambda_content: float = 50.0
+    content_decay_steps: float = 1000.0
+    content: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "lambda_gan",
+            "lambda_cycle",
+            "lambda_identity",
+            "lambda_content",
+            "content_decay_steps",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"model.loss.{name} must be a number ≥ 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not self.content_decay_steps > 0:
+            raise ValueError("loss.content_decay_steps must be > 0")
+
+
 class ReplayBuffer(nn.Module):
     """A pool of past generated patches shown to a discriminator (CycleGAN's image pool).
 
@@ -146,8 +179,9 @@ class ExEMModule(L.LightningModule):
     Args:
         generator: keyword arguments of :class:`AnisotropicUNet3D` (both generators share them).
         discriminator: keyword arguments of :class:`MultiScaleDiscriminator3D`.
-        loss: weights ``lambda_gan``, ``lambda_cycle``, ``lambda_identity``, ``lambda_content``, the decay
-            ``content_decay_steps`` (batches) and ``content``: keyword arguments of
+        loss: :class:`LossWeights` fields ``lambda_gan``, ``lambda_cycle``, ``lambda_identity``,
+            ``lambda_content``, the decay ``content_decay_steps`` (batches; missing ones take the published values)
+            and ``content``: keyword arguments of
             :class:`IntensityGroupContentLoss` and of :class:`~exem.content_groups.ContentFitSettings` (``auto``:
             fit the groups from the training data before the first step, see :meth:`fit_content_groups`). A fit
             stored there (a checkpoint's hyper-parameters) is used as it is and never refitted.
@@ -201,7 +235,11 @@ class ExEMModule(L.LightningModule):
         self.report_dir = Path(report_dir) if report_dir else None
         self.pool_A = ReplayBuffer(replay_buffer_size)
         self.pool_B = ReplayBuffer(replay_buffer_size)
-        self.loss_cfg = dict(loss)
+        weights = {k: v for k, v in dict(loss).items() if k != "content"}
+        unknown = sorted(set(weights) - set(LossWeights.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"model.loss: unknown key(s) {', '.join(unknown)}")
+        self.loss_weights = LossWeights(**weights)
         self.optim_cfg = dict(optim)
         self.scheduler_cfg = dict(scheduler) if scheduler else None
         self.image_every_n_steps = int(image_every_n_steps)
@@ -215,8 +253,6 @@ class ExEMModule(L.LightningModule):
         # How LM (ExM) input was normalised in training ({"intensity_range": [lo, hi] | None, "percentiles": ...});
         # translation applies the same rule so the generator sees the intensities it was trained on.
         self.lm_normalization: dict[str, list[float] | None] | None = None
-        if self.loss_cfg.get("content_decay_steps", 1) <= 0:
-            raise ValueError("loss.content_decay_steps must be > 0")
 
     # ------------------------------------------------------------------ inference
     def forward(self, a: Tensor) -> Tensor:
@@ -288,8 +324,8 @@ class ExEMModule(L.LightningModule):
         if name not in _OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(_OPTIMIZERS)}")
         kwargs: dict[str, Any] = {
-            "lr": float(cfg["lr"]),
-            "betas": tuple(cfg.get("betas", (0.9, 0.999))),
+            "lr": float(cfg.get("lr", 3e-4)),  # published; not multiplied by the batch size
+            "betas": tuple(cfg.get("betas", (0.5, 0.999))),  # the published betas, as conf/model/exem.yaml
             "weight_decay": float(cfg.get("weight_decay", 0.0)),
         }
         kwargs.update(self._optimizer_flags())
@@ -321,14 +357,12 @@ class ExEMModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def content_weight(self) -> float:
         """λ_content · 2^(−batch_step / decay_steps)."""
-        lc = self.loss_cfg
-        return float(lc.get("lambda_content", 0.0)) * float(
-            content_decay(self.batch_step, float(lc.get("content_decay_steps", 1000)))
-        )
+        w = self.loss_weights
+        return w.lambda_content * float(content_decay(self.batch_step, w.content_decay_steps))
 
     def generator_losses(self, real_a: Tensor, real_b: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """All generator loss terms for one batch, and the generated images ``fake_b, rec_a, fake_a, rec_b``."""
-        lc = self.loss_cfg
+        w = self.loss_weights
         fake_b = self.G_AB(real_a)
         rec_a = self.G_BA(fake_b)
         fake_a = self.G_BA(real_b)
@@ -338,17 +372,17 @@ class ExEMModule(L.LightningModule):
             "adv_BA": lsgan_loss(self.D_A(fake_a), 1.0),
             "cycle": cycle_loss(rec_a, real_a) + cycle_loss(rec_b, real_b),
         }
-        total = float(lc.get("lambda_gan", 1.0)) * (terms["adv_AB"] + terms["adv_BA"])
-        total = total + float(lc.get("lambda_cycle", 10.0)) * terms["cycle"]
+        total = w.lambda_gan * (terms["adv_AB"] + terms["adv_BA"])
+        total = total + w.lambda_cycle * terms["cycle"]
         w_content = self.content_weight()
-        if float(lc.get("lambda_content", 0.0)) > 0:
+        if w.lambda_content > 0:
             terms["content"] = self.content_loss(real_a, fake_b, real_b, fake_a)
             total = total + w_content * terms["content"]
-        if float(lc.get("lambda_identity", 0.0)) > 0:
+        if w.lambda_identity > 0:
             terms["identity"] = identity_loss(self.G_AB(real_b), real_b) + identity_loss(
                 self.G_BA(real_a), real_a
             )
-            total = total + float(lc["lambda_identity"]) * terms["identity"]
+            total = total + w.lambda_identity * terms["identity"]
         terms["total"] = total
         images = {"fake_b": fake_b, "rec_a": rec_a, "fake_a": fake_a, "rec_b": rec_b}
         return terms, images
