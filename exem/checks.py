@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["fmt_voxels", "positive_int", "triple"]
+__all__ = ["check_input_shape", "check_yx_divisible", "fmt_voxels", "positive_int", "triple"]
 
 
 def fmt_voxels(values: Sequence[int]) -> str:
@@ -44,3 +44,25 @@ def positive_int(name: str, value: int) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_yx_divisible(shape: Sequence[int], divisor: int, why: str = "") -> None:
+    """Raise a one-line ValueError unless the last two entries (Y, X) of ``shape`` are positive multiples of
+    ``divisor`` (a U-Net pools Y and X ``levels − 1`` times). ``why`` is added after the divisor, e.g.
+    ``" (2^(levels-1) for widths (32, 64))"``.
+
+    ``shape`` may be a patch ``(Z, Y, X)`` or a batch shape ``(B, C, Z, Y, X)``.
+    """
+    y, x, d = int(shape[-2]), int(shape[-1]), int(divisor)
+    if y < 1 or x < 1 or y % d or x % d:
+        raise ValueError(f"patch Y×X = {y}×{x} is not divisible by {d}{why}; use a multiple of {d}")
+
+
+def check_input_shape(net: object, shape: Sequence[int]) -> None:
+    """Whether ``net`` takes ``shape``: its own ``check_input_shape`` when it has one (exem's networks), else
+    :func:`check_yx_divisible` with its ``divisor`` attribute (1 when it has none)."""
+    check = getattr(net, "check_input_shape", None)
+    if callable(check):
+        check(shape)
+        return
+    check_yx_divisible(shape, int(getattr(net, "divisor", 1)))

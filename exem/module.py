@@ -266,12 +266,7 @@ class ExEMModule(L.LightningModule):
 
     def check_patch(self, patch: Sequence[int]) -> None:
         """Raise a one-line ValueError if a ``(Z, Y, X)`` patch does not fit the U-Net depth."""
-        d = self.G_AB.divisor
-        if patch[1] % d or patch[2] % d:
-            raise ValueError(
-                f"patch Y×X = {patch[1]}×{patch[2]} is not divisible by {d} (2^(levels-1) for generator widths "
-                f"{tuple(self.G_AB.widths)}); use multiples of {d}"
-            )
+        self.G_AB.check_input_shape(patch)
 
     # ------------------------------------------------------------------ performance
     def optimize_for(self, device: torch.device | str) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from exem.checks import check_input_shape, fmt_voxels
 from exem.data.volume import Volume
 
 __all__ = [
@@ -172,19 +173,12 @@ class RescaledNetwork(nn.Module):
     def check_input_shape(self, patch: Sequence[int]) -> None:
         """Raise ValueError (one line) if the model cannot take ``patch`` (input voxels) once resampled."""
         inner = self.model_shape(patch)
-        check = getattr(self.net, "check_input_shape", None)
-        if callable(check):
-            try:
-                check(inner)
-            except ValueError as e:
-                raise ValueError(
-                    f"patch {'×'.join(map(str, patch))} of the input is {'×'.join(map(str, inner))} voxels at the"
-                    f" model's voxel size: {e}"
-                ) from None
-            return
-        d = int(getattr(self.net, "divisor", 1))
-        if inner[1] % d or inner[2] % d:
-            raise ValueError(f"patch at the model's voxel size {inner} must have Y and X divisible by {d}")
+        try:
+            check_input_shape(self.net, inner)
+        except ValueError as e:
+            raise ValueError(
+                f"patch {fmt_voxels(patch)} of the input is {fmt_voxels(inner)} voxels at the model's voxel size: {e}"
+            ) from None
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, Z, Y, X)`` at the input's voxel size → the network's output at the same size."""

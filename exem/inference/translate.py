@@ -25,7 +25,7 @@ import zarr
 from torch import nn
 
 from exem.checkpoints import trained_normalization
-from exem.checks import triple
+from exem.checks import check_input_shape, triple
 from exem.data.ome import create_ome_zarr
 from exem.data.resample import RescaledNetwork, resample_volume, same_voxel_size, scale_roi
 from exem.data.volume import Volume, open_volume
@@ -141,13 +141,7 @@ def weights_fingerprint(module: nn.Module) -> str:
 def _check_patch(generator: nn.Module, patch: tuple[int, int, int]) -> None:
     if min(patch) < 1:
         raise ValueError(f"patch must be positive, got {list(patch)}")
-    check = getattr(generator, "check_input_shape", None)
-    if callable(check):
-        check(patch)
-        return
-    d = int(getattr(generator, "divisor", 1))
-    if patch[1] % d or patch[2] % d:
-        raise ValueError(f"patch Y×X = {patch[1]}×{patch[2]} is not divisible by {d}; use a multiple of {d}")
+    check_input_shape(generator, patch)
 
 
 def _open_input(

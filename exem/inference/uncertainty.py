@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from exem.checks import check_input_shape
+
 __all__ = ["D4", "TTAStd", "d4_transforms"]
 
 # (quarter turns in Y-X, mirror X): the 8 in-plane symmetries of a patch.
@@ -60,15 +62,8 @@ class TTAStd(nn.Module):
 
     def check_input_shape(self, patch: tuple[int, int, int]) -> None:
         """The network must take the patch and its 90°-rotated copy (Y and X swapped)."""
-        check = getattr(self.net, "check_input_shape", None)
-        d = int(getattr(self.net, "divisor", 1))
         for shape in (tuple(patch), (patch[0], patch[2], patch[1])):
-            if callable(check):
-                check(shape)
-            elif shape[1] % d or shape[2] % d:
-                raise ValueError(
-                    f"patch Y×X = {shape[1]}×{shape[2]} is not divisible by {d}; use a multiple of {d}"
-                )
+            check_input_shape(self.net, shape)
 
     def forward(self, x: Tensor) -> Tensor:
         mean: Tensor | None = None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from exem.checks import positive_int
+from exem.checks import check_yx_divisible, positive_int
 
 __all__ = ["AnisotropicUNet3D", "ResidualTripleConv3D", "group_count"]
 
@@ -163,13 +163,7 @@ class AnisotropicUNet3D(nn.Module):
 
         ``shape`` may be a full ``(B, C, Z, Y, X)`` shape or a patch shape ``(Z, Y, X)``.
         """
-        y, x = int(shape[-2]), int(shape[-1])
-        if y % self.divisor or x % self.divisor or y < 1 or x < 1:
-            d = self.divisor
-            raise ValueError(
-                f"patch Y×X = {y}×{x} is not divisible by {d} (2^(levels-1) for widths {self.widths}); "
-                f"use a multiple of {d}"
-            )
+        check_yx_divisible(shape, self.divisor, f" (2^(levels-1) for widths {self.widths})")
 
     def forward(self, x: Tensor) -> Tensor:
         """Translate a batch of volumes.
