@@ -146,7 +146,7 @@ class ContentGroups:
         lm_fractions, em_fractions: volume fraction of each group in the sample (unsaturated voxels).
         score: 1 − total-variation distance between ``lm_fractions`` and the mapped EM fractions (1 = equal).
         stain: the stain prior used (None = none).
-        polarity: ``pan_protein`` (bright LM ↔ dark EM), ``direct`` (bright ↔ bright) or ``mixed``.
+        polarity: ``pan_protein`` (bright LM ↔ dark EM) or ``direct`` (bright ↔ bright); ``""`` if unknown.
         voxels: ``[lm, em]`` voxels sampled.
         saturated: ``[lm, em]`` fraction of the sample at exactly 0 or 1 (left out of the fit).
         skew: ``[lm, em]`` skewness of the (smoothed, unsaturated) samples.
@@ -161,7 +161,7 @@ class ContentGroups:
     em_fractions: tuple[float, ...]
     score: float
     stain: str | None = None
-    polarity: str = "mixed"
+    polarity: str = ""
     voxels: tuple[int, int] = (0, 0)
     saturated: tuple[float, float] = (0.0, 0.0)
     skew: tuple[float, float] = (0.0, 0.0)
@@ -188,7 +188,7 @@ class ContentGroups:
             em_fractions=tuple(float(f) for f in content["em_fractions"]),
             score=float(content["score"]),
             stain=content.get("stain"),
-            polarity=str(content.get("polarity", "mixed")),
+            polarity=str(content.get("polarity", "")),
             voxels=tuple(int(v) for v in content.get("voxels", (0, 0))),  # type: ignore[arg-type]
             saturated=tuple(float(v) for v in content.get("saturated", (0.0, 0.0))),  # type: ignore[arg-type]
             skew=tuple(float(v) for v in content.get("skew", (0.0, 0.0))),  # type: ignore[arg-type]
@@ -340,9 +340,13 @@ def otsu_thresholds(sample: np.ndarray, groups: int, domain: str = "volume") -> 
     Raises:
         CalibrationError: empty, NaN, constant, or fewer distinct values than groups.
     """
+    return _otsu(check_levels(sample, groups, domain), groups, domain)
+
+
+def _otsu(x: np.ndarray, groups: int, domain: str) -> tuple[float, ...]:
+    """:func:`otsu_thresholds` of a flat, checked, unsaturated sample."""
     from skimage.filters import threshold_multiotsu
 
-    x = check_levels(sample, groups, domain)
     counts, edges = np.histogram(x, bins=OTSU_BINS, range=(0.0, 1.0))
     centres = 0.5 * (edges[:-1] + edges[1:])
     try:
@@ -416,17 +420,6 @@ class _Candidate:
     polarity: str
 
 
-def _polarity(em_to_lm: Sequence[int]) -> str:
-    """``pan_protein`` when brighter EM groups go to darker LM groups (negative covariance), ``direct`` when to
-    brighter ones, else ``mixed``."""
-    j = np.arange(len(em_to_lm), dtype=np.float64)
-    f = np.asarray(em_to_lm, dtype=np.float64)
-    cov = float(((j - j.mean()) * (f - f.mean())).sum())
-    if abs(cov) < 1e-9:
-        return "mixed"
-    return "direct" if cov > 0 else "pan_protein"
-
-
 def _candidates(lm_fr: Sequence[float], em_fr: Sequence[float]) -> list[_Candidate]:
     """Every monotone mapping EM group → LM group that gives each LM group at least one EM group, scored."""
     n_lm, n_em = len(lm_fr), len(em_fr)
@@ -439,10 +432,10 @@ def _candidates(lm_fr: Sequence[float], em_fr: Sequence[float]) -> list[_Candida
         for j, i in enumerate(f):
             mapped[i] += em_fr[j]
         score = 1.0 - 0.5 * float(np.abs(np.asarray(lm_fr) - mapped).sum())
-        out.append(_Candidate(tuple(f), score, _polarity(f)))
+        # monotone and onto ≥ 2 LM groups, so never constant: the ends tell the direction
+        out.append(_Candidate(tuple(f), score, "direct" if f[-1] > f[0] else "pan_protein"))
     # best first; among equal scores pan-protein first (the stain exem is made for)
-    order = {"pan_protein": 0, "direct": 1, "mixed": 2}
-    return sorted(out, key=lambda c: (-round(c.score, 9), order[c.polarity], c.em_to_lm))
+    return sorted(out, key=lambda c: (-round(c.score, 9), c.polarity != "pan_protein", c.em_to_lm))
 
 
 def _skew(x: np.ndarray) -> float:
@@ -478,7 +471,7 @@ def _choose(
             " content_groups.png picture"
         )
         return best
-    polarities = {c.polarity for c in ties} - {"mixed"}
+    polarities = {c.polarity for c in ties}
     if len(polarities) > 1:
         tails = _skew_polarity(*skews)
         if tails is not None:
@@ -491,7 +484,7 @@ def _choose(
                 tails,
             )
             return chosen
-        other = next(c for c in ties if c.polarity not in (best.polarity, "mixed"))
+        other = next(c for c in ties if c.polarity != best.polarity)
         notes.append(
             f"the data barely decide between a {best.polarity} mapping (score {best.score:.3f}, chosen) and a"
             f" {other.polarity} one ({other.score:.3f}); set data.lm.stain (pan_protein | direct) to decide"
@@ -526,15 +519,29 @@ def fit_content_groups(
     Raises:
         CalibrationError: a sample is empty, contains NaN, is constant or has too few distinct values.
     """
+    return _fit(lm, em, lm_groups, em_groups, stain, tie_tolerance, smooth_sigma)[0]
+
+
+def _fit(
+    lm: np.ndarray,
+    em: np.ndarray,
+    lm_groups: int,
+    em_groups: int,
+    stain: str | None,
+    tie_tolerance: float,
+    smooth_sigma: float,
+) -> tuple[ContentGroups, np.ndarray, np.ndarray]:
+    """:func:`fit_content_groups`, also returning the smoothed ``lm`` and ``em`` samples it fitted."""
     if stain is not None and stain not in STAINS:
         raise CalibrationError(f"data.lm.stain must be one of {', '.join(STAINS)} or null, got {stain!r}")
     notes: list[str] = []
-    fits = []
+    fits, smoothed = [], []
     for domain, sample, groups in (("ExM (data.lm)", lm, lm_groups), ("EM (data.em)", em, em_groups)):
         check_levels(sample, groups, domain)  # on the data as they are: smoothing makes new levels at edges
         sample = smooth_inplane(sample, smooth_sigma)
-        ts = otsu_thresholds(sample, groups, domain)
+        smoothed.append(sample)
         x, saturated = _unsaturated(sample, domain)
+        ts = _otsu(x, groups, domain)
         if saturated > SATURATED_WARNING:
             notes.append(
                 f"{domain}: {100 * saturated:.1f} % of the sampled voxels are at exactly 0 or 1 (padding,"
@@ -546,7 +553,7 @@ def fit_content_groups(
     lm_to_em = tuple(tuple(j for j, i in enumerate(chosen.em_to_lm) if i == g) for g in range(lm_groups))
     for n in notes:
         log.warning("content groups: %s", n)
-    return ContentGroups(
+    fit = ContentGroups(
         lm_thresholds=lm_t,
         em_thresholds=em_t,
         lm_to_em=lm_to_em,
@@ -561,6 +568,7 @@ def fit_content_groups(
         skew=(lm_skew, em_skew),
         notes=tuple(notes),
     )
+    return fit, smoothed[0], smoothed[1]
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -746,20 +754,20 @@ def fit_from_datamodule(datamodule: Any, settings: ContentFitSettings | None = N
     datamodule.setup("fit")
     patch = sample_patch_shape(datamodule.patch_size, settings)
     sample = datamodule.intensity_sample(patch, settings.sample_patches, settings.seed)
-    fit = fit_content_groups(
+    s = settings.smooth_sigma
+    fit, lm, em = _fit(
         sample["lm"],
         sample["em"],
-        lm_groups=settings.lm_groups,
-        em_groups=settings.em_groups,
-        stain=datamodule.lm_stain,
-        tie_tolerance=settings.tie_tolerance,
-        smooth_sigma=settings.smooth_sigma,
+        settings.lm_groups,
+        settings.em_groups,
+        datamodule.lm_stain,
+        settings.tie_tolerance,
+        s,
     )
-    s = settings.smooth_sigma
     return CalibrationResult(
         fit=fit,
-        lm=smooth_inplane(sample["lm"], s),
-        em=smooth_inplane(sample["em"], s),
+        lm=lm,
+        em=em,
         lm_slice=smooth_inplane(sample["lm_slice"], s),
         em_slice=smooth_inplane(sample["em_slice"], s),
     )

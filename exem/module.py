@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +90,10 @@ def _plain(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the generator loss terms (``model.loss``), published ExEM defaults.
+    """Weights of the generator loss terms (``model.loss`` without its ``content`` settings), published defaults.
 
     ``G = lambda_gan·(adv_AB + adv_BA) + lambda_cycle·cycle + lambda_content·2^(−batch/content_decay_steps)·content
-    (+ lambda_identity·identity)``; ``content`` holds the content-loss settings (:class:`IntensityGroupContentLoss`
-    arguments and :class:`~exem.content_groups.ContentFitSettings`).
+    (+ lambda_identity·identity)``.
     """
 
     lambda_gan: float = 1.0
@@ -102,7 +101,6 @@ class LossWeights:
     lambda_identity: float = 0.0
     lambda_content: float = 50.0
     content_decay_steps: float = 1000.0
-    content: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in (
