@@ -35,8 +35,9 @@ from exem.checkpoints import load_generator  # noqa: E402
 from exem.data.grid import PatchGrid  # noqa: E402
 from exem.data.synthetic import make_phantom, render_exm  # noqa: E402
 from exem.data.volume import normalize  # noqa: E402
+from exem.inference.plan import DEFAULT_OVERLAP_FRACTION  # noqa: E402
 from exem.inference.seams import seam_visibility  # noqa: E402
-from exem.inference.translate import DEFAULT_OVERLAP_FRACTION, translate_volume  # noqa: E402
+from exem.inference.translate import translate_volume  # noqa: E402
 from exem.models import AnisotropicUNet3D  # noqa: E402
 
 DEMO_CKPT = Path("outputs/demo/latest/checkpoints/last.ckpt")

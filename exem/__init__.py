@@ -6,7 +6,7 @@ Public API (imported lazily, so ``import exem`` stays fast)::
     exem.ExEMModule, exem.ExEMDataModule                      # Lightning module and data
     exem.open_volume, exem.PatchGrid                          # volumes and the patch grid
     exem.load_generator, exem.export_generator                # generators from checkpoints / exports / .pth
-    exem.translate_volume                                     # whole-volume ExM → virtual EM
+    exem.translate_volume, exem.reliability_map               # whole-volume ExM → virtual EM (+ where to trust it)
     exem.segment_volume, exem.load_segmenter                  # EM-trained segmenters on (virtual) EM
     exem.compose_config, exem.train                           # the exem-train job from Python
 """
@@ -28,6 +28,7 @@ _LAZY = {
     "train": "exem.train",
     "compose_config": "exem.config",
     "translate_volume": "exem.inference",
+    "reliability_map": "exem.inference",
     "segment_volume": "exem.analysis.segment",
     "load_segmenter": "exem.analysis.segment",
     "load_generator": "exem.checkpoints",

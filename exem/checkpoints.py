@@ -96,6 +96,16 @@ class ExportedFiles(dict[str, Path]):
         self.onnx_max_abs_diff: float | None = None
         self.checked_shapes: list[tuple[int, ...]] = []
 
+    def summary(self) -> str:
+        """The export checks on a line each (empty when none ran), as ``exem-export`` prints them."""
+        lines = []
+        if self.torchscript_max_abs_diff is not None:
+            lines.append(f"torchscript check: max |ts - torch| = {self.torchscript_max_abs_diff:.3g}")
+        if self.onnx_max_abs_diff is not None:
+            diff = self.onnx_max_abs_diff
+            lines.append(f"onnx check: max |onnx - torch| = {diff:.3g} (onnxruntime CPU, tolerance 1e-4)")
+        return "\n".join(lines)
+
 
 # ---------------------------------------------------------------------------------------------------- loading
 def infer_generator_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:

@@ -1,15 +1,103 @@
-"""Compose exem's Hydra configs from Python (notebooks, scripts), as the ``exem-*`` commands would."""
+"""Config helpers shared by the commands and Python users: where the configs are, exem's resolvers, defaults
+that depend on the machine (precision), the inference Trainer, and composing a config from Python.
+
+The command-line tools (:mod:`exem.cli`) only compose, instantiate and call; what they need from the config
+lives here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["compose_config"]
+__all__ = [
+    "CONF_DIR",
+    "ConfigError",
+    "check_missing",
+    "compose_config",
+    "conf_dir",
+    "default_precision",
+    "inference_trainer",
+    "rename_cli_key",
+    "wandb_offline",
+]
+
+
+class ConfigError(ValueError):
+    """A problem with the composed configuration, reported to the user in one line."""
+
+
+def conf_dir() -> str:
+    """The Hydra config folder: ``conf/`` of a source checkout, or ``exem/conf`` inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"exem's Hydra configs were not found next to {here}")
+
+
+def wandb_offline() -> bool:
+    """wandb runs offline unless an API key is configured or WANDB_MODE=online (resolver ``exem_wandb_offline``)."""
+    if os.environ.get("WANDB_MODE", "").lower() == "online":
+        return False
+    return not os.environ.get("WANDB_API_KEY")
+
+
+OmegaConf.register_new_resolver("exem_wandb_offline", wandb_offline, replace=True)
+CONF_DIR = conf_dir()
+
+
+def check_missing(cfg: DictConfig, hints: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` naming every mandatory (``???``) value that was not set.
+
+    ``hints`` maps a key to the whole message for it (e.g. a key the command line spells differently).
+    """
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    for key, message in (hints or {}).items():
+        if key in missing:
+            raise ConfigError(message)
+    if missing:
+        example = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(f"missing mandatory config value(s): {', '.join(missing)} (set them: {example})")
+
+
+def default_precision(accelerator: str | None) -> str:
+    """bf16-mixed on a CUDA GPU that supports it (unless the CPU is requested), else 32-true."""
+    import torch
+
+    if accelerator not in ("cpu",) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def inference_trainer(trainer: Mapping[str, Any] | DictConfig) -> Any:
+    """A Lightning Trainer for inference from a ``conf/trainer`` node: its accelerator, devices, strategy and
+    precision (``null`` → :func:`default_precision`), without logger, checkpoints, Lightning bars or callbacks."""
+    from hydra.utils import instantiate
+
+    cfg = OmegaConf.to_container(trainer, resolve=True) if isinstance(trainer, DictConfig) else dict(trainer)
+    if cfg.get("precision") is None:
+        cfg["precision"] = default_precision(cfg.get("accelerator"))
+    cfg.update(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    return instantiate(cfg, callbacks=[])
+
+
+def rename_cli_key(argv: Sequence[str], key: str, new: str) -> list[str]:
+    """``key=V`` (also ``+key=V``, ``++key=V``) → ``new=V`` in a Hydra command line (e.g. exem-segment's
+    ``model=PATH``, which Hydra would read as a choice of the config group ``conf/model``)."""
+    out = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        out.append(f"{new}={value}" if sep and name.lstrip("+") == key else arg)
+    return out
 
 
 def compose_config(
@@ -29,8 +117,6 @@ def compose_config(
         cfg = compose_config(["experiment=demo", "trainer.max_steps=30"], output_dir="runs/try")
         result = exem.train(cfg)
     """
-    from exem.cli import CONF_DIR
-
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):

@@ -14,13 +14,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from exem.config import ConfigError, check_missing, default_precision
 from exem.quiet import lightning_noise_silenced
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A problem with the composed configuration, reported to the user in one line."""
 
 
 @dataclass
@@ -36,20 +33,22 @@ class TrainResult:
     global_step: int = 0
     batch_step: int = 0
 
-
-def check_missing(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` naming every mandatory (``???``) value that was not set."""
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
-    if missing:
-        example = " ".join(f"{k}=..." for k in missing)
-        raise ConfigError(f"missing mandatory config value(s): {', '.join(missing)} (set them: {example})")
-
-
-def default_precision(accelerator: str | None) -> str:
-    """bf16-mixed on a CUDA GPU that supports it (unless the CPU is requested), else 32-true."""
-    if accelerator not in ("cpu",) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+    def summary(self) -> str:
+        """What ``exem-train`` prints at the end: batches, where the outputs are, the validation metrics."""
+        lines = [
+            f"exem-train: done: {self.batch_step} batches ({self.global_step} optimizer steps)",
+            f"  run dir      {self.output_dir}",
+            f"  checkpoint   {self.last_checkpoint}",
+            f"  metrics CSV  {self.metrics_csv}",
+        ]
+        if self.panels:
+            lines.append(
+                f"  image panel  {self.panels[-1]}  (real ExM | fake EM | recovered ExM; EM row below)"
+            )
+        shown = {k: v for k, v in sorted(self.metrics.items()) if k.startswith("val/")}
+        if shown:
+            lines.append("  validation   " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        return "\n".join(lines)
 
 
 def _instantiate_group(group: Mapping[str, Any] | None) -> list[Any]:

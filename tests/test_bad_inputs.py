@@ -558,7 +558,7 @@ def failing_store_run(w: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> tu
 def test_disk_full_during_write_is_one_line_and_marks_nothing_done(
     world: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exem.inference.engine import DONE_DIR
+    from exem.inference.blockio import DONE_DIR
 
     code, line, out = failing_store_run(world, monkeypatch)
     assert code == 1

@@ -15,7 +15,9 @@ from exem.data.grid import PatchGrid
 from exem.data.ome import create_ome_zarr, downsample_inplane
 from exem.data.volume import normalize, open_volume
 from exem.inference import engine
-from exem.inference.engine import BlockWriter, done_blocks, plan_blocks, resolve_region, run_blockwise
+from exem.inference.blockio import DONE_DIR, BlockWriter, done_blocks, raw_tensor
+from exem.inference.engine import run_blockwise
+from exem.inference.plan import plan_blocks, resolve_region
 from exem.models.unet import AnisotropicUNet3D
 
 SHAPE = (20, 96, 80)
@@ -73,26 +75,22 @@ def run(
     roi=None,
     **kwargs,
 ) -> np.ndarray:
-    """run_blockwise into a freshly created group; returns level 0."""
+    """Plan once, run_blockwise into a freshly created group; returns level 0."""
     volume = source if hasattr(source, "intensity_range") else open_volume(source)
-    region = resolve_region(volume.shape, roi, PATCH)
-    shape = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
+    plan = plan_blocks(
+        volume.shape,
+        PATCH,
+        OVERLAP,
+        roi=roi,
+        block_shape=kwargs.pop("block_shape", None),
+        chunks=chunks,
+        levels=levels,
+    )
     create_ome_zarr(
-        out, shape, dtype, (1, 1, 1), chunks=chunks, factors=[(1, 2**i, 2**i) for i in range(levels)]
+        out, plan.shape, dtype, (1, 1, 1), chunks=chunks, factors=[(1, 2**i, 2**i) for i in range(levels)]
     )
     kwargs.setdefault("num_workers", 0)
-    run_blockwise(
-        net,
-        volume,
-        out,
-        patch=PATCH,
-        overlap=OVERLAP,
-        sigma=SIGMA,
-        batch_size=4,
-        out_dtype=dtype,
-        roi=roi,
-        **kwargs,
-    )
+    run_blockwise(net, volume, plan, out, sigma=SIGMA, batch_size=4, out_dtype=dtype, **kwargs)
     return zarr.open_group(str(out), mode="r")["0"][...]
 
 
@@ -205,7 +203,7 @@ def test_device_normalisation_is_bit_identical_to_normalize(dtype: str) -> None:
     predictor = engine.BlockPredictor(
         nn.Identity(), plan_blocks((4, 8, 8), (4, 8, 8)), (lo, hi), raw_dtype=a.dtype
     )
-    got = predictor.normalize(engine._raw_tensor(a)).numpy()
+    got = predictor.normalize(raw_tensor(a)).numpy()
     np.testing.assert_array_equal(got, normalize(a, lo, hi))
 
 
@@ -235,12 +233,10 @@ def test_resume_skips_done_blocks(net, raw, tmp_path) -> None:
     # forget three blocks (marker and data), rerun: only they are computed, the result is the same
     group = zarr.open_group(str(out), mode="r+")
     for b in plan.blocks[:3]:
-        (out / engine.DONE_DIR / "0" / b.id).unlink()
+        (out / DONE_DIR / "0" / b.id).unlink()
         group["0"][b.slices()] = 0
     volume = open_volume(raw)
-    result = run_blockwise(
-        net, volume, out, patch=PATCH, overlap=OVERLAP, batch_size=4, block_shape=(8, 32, 32), num_workers=0
-    )
+    result = run_blockwise(net, volume, plan, out, batch_size=4, num_workers=0)
     assert (result.blocks_skipped, result.blocks_done) == (len(plan.blocks) - 3, 3)
     np.testing.assert_array_equal(group["0"][...], full)
 
@@ -258,7 +254,7 @@ def test_nan_block_raises_and_is_not_marked(net, tmp_path) -> None:
     ) as info:
         run(net, volume, out, block_shape=(8, 32, 32))
     block_id = str(info.value).split("block ")[1].split(" ")[0]
-    assert not (out / engine.DONE_DIR / "0" / block_id).exists()
+    assert not (out / DONE_DIR / "0" / block_id).exists()
     assert "incomplete" not in str(info.value)
     assert not zarr.open_group(str(out), mode="r").attrs.get("exem", {}).get("complete", False)
 
@@ -271,7 +267,7 @@ def test_writer_error_reaches_the_caller(net, raw, tmp_path, monkeypatch) -> Non
     out = tmp_path / "broken.zarr"
     with pytest.raises(OSError, match="disk full"):
         run(net, raw, out, block_shape=(8, 32, 32))
-    assert not (out / engine.DONE_DIR).exists()
+    assert not (out / DONE_DIR).exists()
 
 
 def test_block_ids_are_unique_across_plans() -> None:

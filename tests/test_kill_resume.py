@@ -218,7 +218,7 @@ TRAIN = [
     "model.discriminator.base_filters=4",
     "model.replay_buffer_size=2",
     "model.loss.content_decay_steps=100",  # a decay that shows within 8 batches
-    "+model.scheduler={name:cosine_warm_restarts,T_0:4,T_mult:1,eta_min_fraction:0.1}",
+    "model.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingWarmRestarts,T_0:4,T_mult:1,eta_min:1.0e-4}",
     "model.image_every_n_steps=0",
     "trainer.max_steps=24",  # 8 batches
     "trainer.log_every_n_steps=1",
@@ -336,7 +336,7 @@ def levels(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def done_markers(out: Path, level: int) -> set[str]:
-    from exem.inference.engine import DONE_DIR
+    from exem.inference.blockio import DONE_DIR
 
     d = out / DONE_DIR / str(level)
     return {n for n in os.listdir(d) if not n.startswith(".")} if d.is_dir() else set()
@@ -364,7 +364,7 @@ def assert_markers_have_their_data(out: Path, ref: tuple[np.ndarray, np.ndarray]
 
 def level0_markers(out: Path) -> int:
     """Level-0 done-markers anywhere under ``out`` (translation: ``out/.exem_done/0``, segmentation: below)."""
-    from exem.inference.engine import DONE_DIR
+    from exem.inference.blockio import DONE_DIR
 
     return sum(1 for d in out.rglob(f"{DONE_DIR}/0") for n in os.listdir(d) if not n.startswith("."))
 
@@ -414,7 +414,7 @@ def test_translate_killed_at_random_points_then_rerun(translate_setup, seed: int
 
 def test_done_markers_are_created_only_after_their_data(tmp_path: Path, monkeypatch) -> None:
     """The writer's order, observed: when a block's marker is created, its data are already complete."""
-    from exem.inference import engine
+    from exem.inference import blockio
     from exem.inference.translate import translate_volume
     from exem.models import AnisotropicUNet3D
 
@@ -428,7 +428,7 @@ def test_done_markers_are_created_only_after_their_data(tmp_path: Path, monkeypa
 
     out = tmp_path / "out.zarr"
     seen: list[str] = []
-    real_touch = engine._touch_atomic
+    real_touch = blockio.touch_atomic
 
     def checking_touch(path: Path) -> None:
         level = int(path.parent.name)
@@ -440,7 +440,7 @@ def test_done_markers_are_created_only_after_their_data(tmp_path: Path, monkeypa
         real_touch(path)  # … marker second
         seen.append(f"{level}/{path.name}")
 
-    monkeypatch.setattr(engine, "_touch_atomic", checking_touch)
+    monkeypatch.setattr(blockio, "touch_atomic", checking_touch)
     translate_volume(net, data, out, progress=False, **kw)
     assert len(seen) == 2 * 2  # 2 blocks × 2 levels, each checked at the moment its marker was made
 

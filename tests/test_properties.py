@@ -142,22 +142,82 @@ def test_engine_keeps_a_constant_volume_constant(tmp_path_factory, shape, overla
     from exem.data.ome import create_ome_zarr
     from exem.data.volume import open_volume
     from exem.inference.engine import run_blockwise
+    from exem.inference.plan import plan_blocks
 
     patch = (min(4, shape[0]), 8, 8)
     out = tmp_path_factory.mktemp("engine") / "c.zarr"
     create_ome_zarr(out, shape, "float32", (1, 1, 1), chunks=(4, 8, 8))
     volume = open_volume(np.full(shape, value, np.uint16))
-    run_blockwise(
-        nn.Identity(),
-        volume,
-        out,
-        patch=patch,
-        overlap=(min(overlap, patch[0] - 1), overlap, overlap),
-        batch_size=2,
-        block_shape=(4, 16, 16),
-        num_workers=0,
-    )
+    overlap3 = (min(overlap, patch[0] - 1), overlap, overlap)
+    plan = plan_blocks(shape, patch, overlap3, block_shape=(4, 16, 16), chunks=(4, 8, 8))
+    run_blockwise(nn.Identity(), volume, plan, out, batch_size=2, num_workers=0)
     import zarr
 
     got = zarr.open_group(str(out), mode="r")["0"][...]
     np.testing.assert_allclose(got, value / 65535, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- the plan and the predictor
+
+
+@FAST
+@given(
+    grids(max_size=40),
+    st.tuples(st.integers(1, 12), st.integers(1, 24), st.integers(1, 24)),
+    st.tuples(st.integers(1, 8), st.integers(1, 16), st.integers(1, 16)),
+    st.integers(1, 3),
+)
+def test_any_plan_tiles_the_region_and_no_two_blocks_share_a_chunk(g, block, chunks, levels: int) -> None:
+    """Blocks cover every voxel once, their patches are the grid's that touch them, and every chunk of every
+    pyramid level belongs to one block (so ranks can write blocks concurrently)."""
+    from exem.inference.plan import plan_blocks
+
+    shape, patch, overlap = g
+    plan = plan_blocks(shape, patch, overlap, block_shape=block, chunks=chunks, levels=levels)
+    covered = np.zeros(shape, np.int16)
+    for b in plan.blocks:
+        covered[b.slices()] += 1
+        for lvl in range(levels):
+            f = (1, 2**lvl, 2**lvl)
+            for ax in range(3):  # block borders at whole chunks of this level (or at the region's end)
+                step = chunks[ax] * f[ax]
+                assert b.start[ax] % step == 0
+                assert b.stop[ax] % step == 0 or b.stop[ax] == shape[ax]
+        n = sum(
+            all(s[ax] < b.stop[ax] and s[ax] + patch[ax] > b.start[ax] for ax in range(3)) for s in plan.grid
+        )
+        assert b.num_patches == n
+    assert (covered == 1).all()
+    assert plan.patches_computed >= len(plan.grid)
+
+
+@FAST
+@given(
+    grids(max_size=16), st.tuples(st.integers(1, 8), st.integers(1, 8), st.integers(1, 8)), st.integers(0, 99)
+)
+def test_predicted_blocks_do_not_depend_on_the_split(g, block, seed: int) -> None:
+    """The engine's per-block prediction (normalise, patches, batches, streamed blend, cast) of any block split
+    equals one block over the whole region, for an identity network on random uint16 data."""
+    from torch import nn
+
+    from exem.inference.blockio import raw_tensor
+    from exem.inference.engine import BlockPredictor
+    from exem.inference.plan import plan_blocks
+
+    shape, patch, overlap = g
+    raw = np.random.default_rng(seed).integers(0, 65536, shape).astype(np.uint16)
+
+    def predict(plan) -> np.ndarray:
+        net = BlockPredictor(
+            nn.Identity(), plan, (0, 65535), batch_size=3, out_dtype="float32", raw_dtype=raw.dtype
+        )
+        out = np.zeros(shape, np.float32)
+        for b in plan.blocks:
+            ctx = tuple(slice(a, z) for a, z in zip(b.context_start, b.context_stop, strict=True))
+            out[b.slices()] = net.predict_block(b, raw_tensor(raw[ctx]))[0].numpy()
+        return out
+
+    whole = predict(plan_blocks(shape, patch, overlap))
+    split = predict(plan_blocks(shape, patch, overlap, block_shape=block))
+    np.testing.assert_allclose(whole, raw / 65535, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(split, whole)

@@ -12,8 +12,9 @@ import zarr
 from exem.data.grid import PatchGrid
 from exem.data.synthetic import make_phantom, render_exm
 from exem.data.volume import normalize
+from exem.inference.plan import default_overlap
 from exem.inference.seams import border_steps, seam_visibility
-from exem.inference.translate import default_overlap, translate_volume
+from exem.inference.translate import translate_volume
 from exem.models import AnisotropicUNet3D
 
 

@@ -15,7 +15,7 @@ from exem.analysis.instances import label_components, seeded_watershed
 from exem.analysis.segment import Segmenter, load_segmenter, read_sidecar, segment_volume
 from exem.data.grid import PatchGrid
 from exem.data.ome import write_ome_zarr
-from exem.inference.translate import default_overlap
+from exem.inference.plan import default_overlap
 from tests.segmenters import BandSegmenter, Identity2, save_segmenters
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,8 +16,9 @@ import zarr
 
 from exem.data.ome import downsample_inplane, write_ome_zarr
 from exem.data.volume import open_volume
-from exem.inference.engine import DONE_DIR, plan_blocks
-from exem.inference.translate import TranslateResult, default_overlap, translate_volume
+from exem.inference.blockio import DONE_DIR
+from exem.inference.plan import default_overlap, plan_blocks
+from exem.inference.translate import TranslateResult, translate_volume
 from exem.models.unet import AnisotropicUNet3D
 from tests.conftest import sigkill_when
 
@@ -177,12 +178,10 @@ def test_read_only_location(generator, exm, tmp_path) -> None:
 
 def test_unwritable_location_is_refused_before_compute(generator, exm, tmp_path, monkeypatch) -> None:
     """The same check when chmod cannot be used (root): os.access says no."""
-    import exem.inference.translate as translate
+    import exem.inference.output as output
 
     real = os.access
-    monkeypatch.setattr(
-        translate.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode)
-    )
+    monkeypatch.setattr(output.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
     with pytest.raises(PermissionError, match=f"cannot create it, {tmp_path} is not writable"):
         translate_volume(generator, exm, tmp_path / "out.zarr", **KW)
     assert not (tmp_path / "out.zarr").exists()
@@ -309,7 +308,8 @@ def test_ddp_two_processes_bit_identical(state_path, exm, reference, tmp_path) -
 def test_default_reader_processes_follow_the_device() -> None:
     import lightning as L
 
-    from exem.inference.translate import DEFAULT_NUM_WORKERS, default_num_workers
+    from exem.inference.blockio import DEFAULT_NUM_WORKERS
+    from exem.inference.engine import default_num_workers
 
     cpu = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     assert default_num_workers(cpu) == 0  # on the CPU readers only compete with torch for the cores

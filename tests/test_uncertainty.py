@@ -10,8 +10,8 @@ import torch
 import zarr
 
 from exem.data.ome import write_ome_zarr
-from exem.inference.translate import default_uncertainty_path, translate_volume
-from exem.inference.uncertainty import D4, TTAStd, d4_transforms
+from exem.inference.translate import translate_volume
+from exem.inference.uncertainty import D4, TTAStd, d4_transforms, default_uncertainty_path, reliability_map
 from exem.models import AnisotropicUNet3D
 from tests.conftest import run_cli
 
@@ -84,24 +84,29 @@ def exm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_translate_writes_the_map_and_resumes_after_the_virtual_em(exm: Path, tmp_path: Path) -> None:
+def test_reliability_map_next_to_a_finished_translation(exm: Path, tmp_path: Path) -> None:
     out = tmp_path / "vem.ome.zarr"
-    first = translate_volume(XGradient(), exm, out, **KW)  # as if a run had stopped after the virtual EM
-    assert first.uncertainty is None and not default_uncertainty_path(out).exists()
-    res = translate_volume(XGradient(), exm, out, uncertainty=True, **KW)
-    assert res.blocks_done == 0 and res.blocks_skipped > 0  # the virtual EM was not recomputed
-    assert res.uncertainty == tmp_path / "vem_uncertainty.ome.zarr"
-    group = zarr.open_group(str(res.uncertainty), mode="r")
+    translate_volume(XGradient(), exm, out, **KW)  # as if a run had stopped after the virtual EM
+    assert not default_uncertainty_path(out).exists()
+    again = translate_volume(XGradient(), exm, out, complete_ok=True, **KW)
+    assert again.already_complete and again.blocks_done == 0  # the virtual EM is not recomputed
+    res = reliability_map(XGradient(), exm, default_uncertainty_path(out), **KW)
+    assert res.output == tmp_path / "vem_uncertainty.ome.zarr"
+    group = zarr.open_group(str(res.output), mode="r")
     std = group["0"][...]
     assert std.dtype == np.float16 and std.shape == (8, 64, 64) and group["1"].shape == (8, 32, 32)
     assert group.attrs["exem"]["complete"] and group.attrs["multiscales"][0]["name"] == "virtual_em_std"
     assert float(std.mean()) > 0.01 and np.isfinite(std).all()
     # a pointwise generator is fully reliable
-    flat = translate_volume(Pointwise(), exm, tmp_path / "p.ome.zarr", uncertainty=True, **KW)
-    assert float(np.abs(zarr.open_group(str(flat.uncertainty))["0"][...]).max()) < 1e-3
-    # rerunning a finished translation with other settings is still refused
-    with pytest.raises(FileExistsError, match="exists"):
-        translate_volume(XGradient(), exm, out, uncertainty=True, sigma=0.3, **KW)
+    flat = reliability_map(Pointwise(), exm, tmp_path / "p.ome.zarr", **KW)
+    assert float(np.abs(zarr.open_group(str(flat.output))["0"][...]).max()) < 1e-3
+    # rerunning a finished translation with other settings is still refused, with what differs
+    with pytest.raises(
+        FileExistsError, match="exists \\(complete\\) with other settings: sigma 0.5 \\(now 0.3\\)"
+    ):
+        translate_volume(XGradient(), exm, out, complete_ok=True, sigma=0.3, **KW)
+    with pytest.raises(ValueError, match="dtype cannot be set"):
+        reliability_map(XGradient(), exm, tmp_path / "x.ome.zarr", dtype="uint8", **KW)
 
 
 def test_cli_uncertainty(exm: Path, tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from exem.analysis.metrics import adapted_rand_error, dice, image_quality, iou, 
 from exem.analysis.segment import load_segmenter, segment_volume
 from exem.checks import fmt_voxels
 from exem.data.volume import Volume, open_volume
-from exem.inference.engine import resolve_region
+from exem.inference.plan import resolve_region
 from exem.inference.translate import translate_volume
 from exem.panels import PREDICTION_COLOR, TRUTH_COLOR, grid_panel, middle_slice, overlay_mask, save_panel
 
@@ -81,6 +81,15 @@ class EvaluationResult:
     virtual_em: Path
     segmentations: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The score table, the Dice-relative-to-EM line (with an ``em`` row) and where the files are."""
+        lines = [format_table(self.rows)]
+        ratio = dice_ratio_line(self.rows)
+        if ratio:
+            lines.append(ratio)
+        lines.append(f"  table  {self.csv}\n  figure {self.png}")
+        return "\n".join(lines)
 
 
 def _read_all(volume: Volume, roi: Sequence[int] | None, normalized: bool) -> np.ndarray:

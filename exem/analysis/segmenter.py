@@ -111,6 +111,14 @@ class SegmenterFiles(dict):
     final_loss: float
     parameters: int
 
+    def summary(self) -> str:
+        """Files, training time and Dice per split, as ``exem-train-segmenter`` prints them."""
+        lines = [f"{name:9s} {path}  (+ {path.with_suffix('.yaml').name})" for name, path in self.items()]
+        lines.append(f"trained {self.steps} steps in {self.seconds:.0f} s ({self.parameters} parameters)")
+        for split, scores in (("train", self.train_dice), ("val", self.val_dice)):
+            lines.append(f"  {split:5s} Dice  " + "  ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+        return "\n".join(lines)
+
 
 @dataclass
 class _Data:

@@ -19,6 +19,7 @@ import zarr
 
 from exem.checks import fmt_voxels
 from exem.data.ome import level_scale, read_multiscales
+from exem.errors import exception_line
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,6 @@ def normalize(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     y *= np.float32(1.0 / (hi - lo))
     np.clip(y, 0.0, 1.0, out=y)
     return y
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class _SqueezedArray:
@@ -152,7 +148,7 @@ def _open_tiff(path: str) -> Any:
         log.info("loading %s into memory (not memory-mappable)", path)
         return tifffile.imread(path)
     except Exception as e:
-        raise VolumeError(f"{path}: unreadable TIFF ({_one_line(e)})") from e
+        raise VolumeError(f"{path}: unreadable TIFF ({exception_line(e, with_type=True)})") from e
 
 
 @dataclass(eq=False)
@@ -268,7 +264,7 @@ def _open_zarr_path(
     try:
         node = zarr.open(path, mode="r")
     except Exception as e:
-        raise VolumeError(f"{path}: unreadable Zarr metadata ({_one_line(e)})") from e
+        raise VolumeError(f"{path}: unreadable Zarr metadata ({exception_line(e, with_type=True)})") from e
     if isinstance(node, zarr.Array):
         if level not in (None, 0):
             raise VolumeError(
@@ -278,7 +274,9 @@ def _open_zarr_path(
     try:
         multiscales = read_multiscales(node)
     except Exception as e:
-        raise VolumeError(f"{path}: unreadable OME-Zarr metadata ({_one_line(e)})") from e
+        raise VolumeError(
+            f"{path}: unreadable OME-Zarr metadata ({exception_line(e, with_type=True)})"
+        ) from e
     if multiscales is not None:
         lvl = 0 if level is None else int(level)
         try:
@@ -286,7 +284,9 @@ def _open_zarr_path(
         except ValueError as e:
             raise VolumeError(f"{path}: {e}") from e
         except Exception as e:
-            raise VolumeError(f"{path}: unreadable OME-Zarr metadata ({_one_line(e)})") from e
+            raise VolumeError(
+                f"{path}: unreadable OME-Zarr metadata ({exception_line(e, with_type=True)})"
+            ) from e
         try:
             array = zarr.open_array(path, path=key, mode="r")
         except Exception as e:
@@ -296,7 +296,7 @@ def _open_zarr_path(
     try:
         arrays = sorted(name for name, _ in node.arrays())
     except Exception as e:
-        raise VolumeError(f"{path}: unreadable Zarr metadata ({_one_line(e)})") from e
+        raise VolumeError(f"{path}: unreadable Zarr metadata ({exception_line(e, with_type=True)})") from e
     if not arrays:
         raise VolumeError(f"{path}: Zarr group holds no arrays (and no OME-Zarr multiscales)")
     if len(arrays) > 1:
@@ -310,7 +310,9 @@ def _open_zarr_path(
     try:
         array = zarr.open_array(path, path=arrays[0], mode="r")
     except Exception as e:
-        raise VolumeError(f"{path}: unreadable Zarr array '{arrays[0]}' ({_one_line(e)})") from e
+        raise VolumeError(
+            f"{path}: unreadable Zarr array '{arrays[0]}' ({exception_line(e, with_type=True)})"
+        ) from e
     return array, _Locator("zarr", path, arrays[0]), None, None
 
 

@@ -6,20 +6,27 @@ the eight in-plane symmetries of a patch (the dihedral group D4: rotations by 0,
 each with and without an X mirror), maps each output back, and returns the per-voxel standard deviation of the
 eight. Z is never rotated into the plane: ExM and EM voxels are anisotropic.
 
-:func:`exem.inference.translate.translate_volume` with ``uncertainty=True`` writes this map next to the virtual
-EM through the same blockwise engine (same grid, blending, resumability and devices).
+:func:`reliability_map` writes this map for a whole volume as a translation of the wrapped generator: the same
+blockwise engine, grid, blending, resumability and devices as the virtual EM, float16 in normalised intensity
+units (``exem-translate … uncertainty=true`` writes it next to the virtual EM).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from exem.checks import check_input_shape
+from exem.inference.translate import TranslateResult, translate_volume
 
-__all__ = ["D4", "TTAStd", "d4_transforms"]
+__all__ = ["D4", "UNCERTAINTY_NAME", "TTAStd", "d4_transforms", "default_uncertainty_path", "reliability_map"]
+
+UNCERTAINTY_SUFFIX = "_uncertainty"
+UNCERTAINTY_NAME = "virtual_em_std"
 
 # (quarter turns in Y-X, mirror X): the 8 in-plane symmetries of a patch.
 D4: tuple[tuple[int, bool], ...] = tuple((k, m) for k in range(4) for m in (False, True))
@@ -56,7 +63,7 @@ class TTAStd(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        for name in ("divisor", "widths", "voxel_size_nm"):
+        for name in ("divisor", "widths", "voxel_size_nm", "lm_normalization"):
             if hasattr(net, name):
                 setattr(self, name, getattr(net, name))
 
@@ -78,3 +85,37 @@ class TTAStd(nn.Module):
             m2 += delta * (y - mean)
         assert m2 is not None
         return (m2 / len(D4)).clamp_min_(0.0).sqrt_()
+
+
+def default_uncertainty_path(output: str | Path) -> Path:
+    """``<dir>/<stem>_uncertainty.ome.zarr`` for an output ``<dir>/<stem>.ome.zarr`` (or ``<stem>.zarr``)."""
+    out = Path(output)
+    name = out.name
+    for ext in (".ome.zarr", ".zarr"):
+        if name.endswith(ext):
+            return out.with_name(name[: -len(ext)] + UNCERTAINTY_SUFFIX + ext)
+    return out.with_name(name + UNCERTAINTY_SUFFIX + ".ome.zarr")
+
+
+def reliability_map(generator: nn.Module, input: Any, output: str | Path, **options: Any) -> TranslateResult:  # noqa: A002
+    """Write the reliability map of ``generator`` over a whole volume: :class:`TTAStd` translated blockwise.
+
+    Args:
+        generator: as for :func:`~exem.inference.translate.translate_volume` (its training normalisation and voxel
+            size apply).
+        input: the ExM volume (path, :class:`~exem.data.volume.Volume` or array).
+        output: the OME-Zarr written: per-voxel standard deviation of the virtual EM over the 8 in-plane
+            symmetries, float16, normalised intensity units, multiscales name ``virtual_em_std``. Use
+            :func:`default_uncertainty_path` to put it next to a translation.
+        **options: the keyword arguments of ``translate_volume`` (patch, overlap, roi, trainer, overwrite, …) except
+            ``dtype`` and ``name``; give the same as for the translation so that the two share one voxel grid.
+
+    Returns:
+        the :class:`~exem.inference.translate.TranslateResult` of the map.
+    """
+    for key in ("dtype", "name"):
+        if key in options:
+            raise ValueError(f"reliability_map writes float16 '{UNCERTAINTY_NAME}'; {key} cannot be set")
+    return translate_volume(
+        TTAStd(generator), input, output, dtype="float16", name=UNCERTAINTY_NAME, **options
+    )

@@ -1,0 +1,168 @@
+"""One-line errors: how exceptions become the single line a user reads.
+
+- :func:`exception_line`: an exception's message squeezed onto one line (library messages that quote a cause).
+- :func:`user_error_line` / :func:`is_user_error`: what the command-line tools print for an error the user can fix
+  (bad input, bad config, a full disk), instead of a traceback from deep inside torch.
+- :func:`one_line_errors` / :func:`config_errors_one_line`: the decorators every ``exem-*`` entry point wears
+  (errors of the run, and Hydra's configuration errors).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf.errors import MissingMandatoryValue
+
+__all__ = [
+    "USER_ERRORS",
+    "config_error_line",
+    "config_errors_one_line",
+    "exception_line",
+    "is_user_error",
+    "one_line_errors",
+    "user_error",
+    "user_error_line",
+]
+
+log = logging.getLogger("exem")
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, MissingMandatoryValue)
+# OSErrors about the user's environment (space, quota, permissions, paths): reported in one line.
+_ENV_ERRNOS = ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EISDIR")
+USER_OS_ERRNOS = frozenset(getattr(errno, name) for name in _ENV_ERRNOS if hasattr(errno, name))
+# Errors of other libraries that are the user's to fix, matched by class name (no import needed).
+USER_ERROR_NAMES = frozenset({"MisconfigurationException"})  # Lightning: e.g. Trainer(devices=0)
+
+
+def exception_line(exc: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
+    """``exc``'s message on one line (whitespace runs → one space).
+
+    Args:
+        exc: the exception.
+        with_type: prefix the class name (``"OSError: …"``), for causes whose type says what went wrong.
+        limit: cut longer messages at this many characters (``…`` appended).
+
+    Returns:
+        the line; the class name when the message is empty.
+    """
+    text = " ".join(str(exc).split())
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "…"
+    if with_type:
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text or type(exc).__name__
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` (itself, not its causes) is one the user can fix: see :data:`USER_ERRORS`."""
+    if isinstance(err, USER_ERRORS) or type(err).__name__ in USER_ERROR_NAMES:
+        return True
+    return isinstance(err, OSError) and err.errno in USER_OS_ERRNOS
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """``exc`` or the first exception in its ``__cause__`` / ``__context__`` chain that is a user error."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if is_user_error(err):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def user_error_line(err: BaseException) -> str:
+    """The message of a user error on one line.
+
+    Errors raised inside DataLoader workers come back with the worker's traceback in their message; only its
+    last line (``VolumeError: ...``) is kept.
+    """
+    if isinstance(err, MissingMandatoryValue):
+        return f"missing mandatory config value {err.full_key}"
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
+def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Turn user errors raised by a CLI body into ``<prog>: error: <message>`` on stderr and exit code 1; any other
+    exception propagates with its traceback (a bug to report)."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - we re-raise what is not a user error
+                err = user_error(exc)
+                if err is None:
+                    raise
+                sys.stderr.write(f"{prog}: error: {user_error_line(err)}\n")
+                log.debug("full traceback", exc_info=exc)
+                sys.exit(1)
+
+        return wrapper
+
+    return deco
+
+
+def config_error_line(exc: BaseException) -> str:
+    """A Hydra / OmegaConf error (unknown key, bad override, missing config group option) on one line."""
+    text = str(exc).split("Config search path:")[0]  # (Hydra lists its search path after a missing option)
+    text = " ".join(text.split())
+    override = getattr(exc, "override", None)
+    if isinstance(override, str) and override not in text:
+        text = f"bad override {override!r}: {text}"
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0].strip()
+        if first and first not in text:
+            text = f"{text} ({first})"
+    return text or type(exc).__name__
+
+
+def config_errors_one_line(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Around a ``hydra.main``: configuration errors (unknown key, bad override, …) become one line and exit 1.
+
+    Hydra prints these itself over several lines; here it re-raises them (``HYDRA_FULL_ERROR=1`` while the
+    command runs) and they are printed as ``<prog>: error: <message>``. With ``HYDRA_FULL_ERROR=1`` set by the
+    user, Hydra's full report is kept.
+    """
+
+    def deco(main: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(main)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from hydra.errors import HydraException
+            from omegaconf.errors import OmegaConfBaseException
+
+            user_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+            previous = os.environ.get("HYDRA_FULL_ERROR")
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+            try:
+                return main(*args, **kwargs)
+            except (HydraException, OmegaConfBaseException) as exc:
+                if user_full:
+                    raise
+                sys.stderr.write(f"{prog}: error: {config_error_line(exc)}\n")
+                sys.exit(1)
+            finally:
+                if previous is None:
+                    os.environ.pop("HYDRA_FULL_ERROR", None)
+                else:
+                    os.environ["HYDRA_FULL_ERROR"] = previous
+
+        return wrapper
+
+    return deco

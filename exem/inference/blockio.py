@@ -1,0 +1,441 @@
+"""Block input/output of the engine: reading block contexts ahead, writing blocks behind, done-markers.
+
+- Reading: :class:`BlockDataset` (one item = one block's context in the raw dtype) in DataLoader workers;
+  :class:`BlockDataModule` serves each rank its share of the blocks that are not done yet.
+- Writing: :class:`BlockWriter` (a ``BasePredictionWriter``) writes each block, and its in-plane 2× pyramid
+  levels, on a background thread and only then creates the block's done-markers
+  ``<output>/.exem_done/<level>/<block-id>`` (atomically). A rerun skips blocks whose markers all exist
+  (:func:`done_blocks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import zarr
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from exem.checks import fmt_voxels
+from exem.data.ome import downsample_inplane
+from exem.data.volume import Volume
+from exem.inference.plan import Block, BlockPlan
+
+__all__ = [
+    "DEFAULT_NUM_WORKERS",
+    "DONE_DIR",
+    "BlockDataModule",
+    "BlockDataset",
+    "BlockWriter",
+    "check_output_levels",
+    "done_blocks",
+    "downsample_block",
+    "open_levels",
+    "raw_tensor",
+    "touch_atomic",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NUM_WORKERS = 2
+# Blocks waiting to be written (each holds a whole block on the host).
+WRITE_QUEUE_SIZE = 2
+DONE_DIR = ".exem_done"
+
+# ----------------------------------------------------------------------------------------------------------
+# done-markers
+
+
+def _marker(root: Path, level: int, block: Block) -> Path:
+    return root / DONE_DIR / str(level) / block.id
+
+
+def done_blocks(root: str | Path, plan: BlockPlan, levels: int) -> set[int]:
+    """Indices of the plan's blocks whose done-markers exist for every level (one directory listing per level)."""
+    root = Path(root)
+    names: list[set[str]] = []
+    for lvl in range(levels):
+        d = root / DONE_DIR / str(lvl)
+        names.append(set(os.listdir(d)) if d.is_dir() else set())
+    return {b.index for b in plan.blocks if all(b.id in n for n in names)}
+
+
+def touch_atomic(path: Path) -> None:
+    """Create the empty file ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading
+
+
+def raw_tensor(raw: np.ndarray) -> Tensor:
+    """A raw block context as a CPU tensor in native byte order, without widening it.
+
+    uint16/uint32 are reinterpreted (not converted) as int16/int32 (CUDA kernels lack the unsigned types);
+    :meth:`BlockPredictor.normalize` undoes this with ``raw_dtype``. uint64 becomes float64.
+    """
+    a = np.asarray(raw)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if a.dtype in (np.uint16, np.uint32):
+        a = a.view(f"i{a.dtype.itemsize}")
+    elif a.dtype == np.uint64:
+        a = a.astype(np.float64)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+class BlockDataset(Dataset):
+    """Blocks of a plan, one item per block: the raw voxels of the block's context.
+
+    Args:
+        volume: the input volume (picklable; path-backed volumes reopen in DataLoader workers).
+        plan: the block plan.
+        indices: block indices (into ``plan.blocks``) served by this dataset, in order.
+
+    Items are ``(block index, raw context)`` with the context a ``(cz, cy, cx)`` CPU tensor of the raw bytes
+    (uint16/uint32 viewed as int16/int32, see :meth:`BlockPredictor.normalize`), read with ``Volume.read`` (only
+    those voxels are read).
+    """
+
+    def __init__(self, volume: Volume, plan: BlockPlan, indices: Sequence[int]) -> None:
+        self.volume = volume
+        self.plan = plan
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor]:
+        block = self.plan.blocks[self.indices[i]]
+        origin = self.plan.origin
+        sl = tuple(
+            slice(o + a, o + b)
+            for o, a, b in zip(origin, block.context_start, block.context_stop, strict=True)
+        )
+        return block.index, raw_tensor(self.volume.read(sl))  # type: ignore[arg-type]
+
+
+def _single(batch: list[Any]) -> Any:
+    """Collate for one item per batch: the item itself (keeps ints and tensors as they are)."""
+    return batch[0]
+
+
+def open_levels(root: Path, levels: int) -> list[zarr.Array]:
+    group = zarr.open_group(str(root), mode="r+")
+    return [group[str(lvl)] for lvl in range(levels)]  # type: ignore[misc]
+
+
+def check_output_levels(arrays: Sequence[zarr.Array], plan: BlockPlan, root: Path, out_dtype: str) -> None:
+    """The output arrays must have the region's shape per level, ``out_dtype`` and chunks aligned with the blocks."""
+    for lvl, arr in enumerate(arrays):
+        if np.dtype(arr.dtype) != np.dtype(out_dtype):
+            raise ValueError(f"{root}: level {lvl} has dtype {arr.dtype}, expected {out_dtype}")
+        f = (1, 2**lvl, 2**lvl)
+        want = tuple(-(-s // k) for s, k in zip(plan.shape, f, strict=True))
+        got = tuple(arr.shape[-3:])
+        if got != want or arr.ndim not in (3, 4):
+            raise ValueError(
+                f"{root}: level {lvl} has shape {tuple(arr.shape)}, expected (C,) {fmt_voxels(want)}"
+            )
+        chunks = tuple(arr.chunks[-3:])
+        for ax in range(3):
+            step = chunks[ax] * f[ax]
+            if plan.block_shape[ax] % step and plan.block_shape[ax] < plan.shape[ax]:
+                raise ValueError(
+                    f"{root}: level {lvl} chunks {fmt_voxels(chunks)} are not aligned with blocks of"
+                    f" {fmt_voxels(plan.block_shape)}; blocks would share chunks"
+                )
+        if arr.ndim == 4 and arr.chunks[0] != arr.shape[0]:
+            raise ValueError(f"{root}: level {lvl} must hold all channels in one chunk")
+
+
+class BlockDataModule(L.LightningDataModule):
+    """Serves this rank's share of the blocks that are not done yet.
+
+    ``setup`` runs inside ``Trainer.predict`` once the process group exists: global rank 0 runs ``prepare``
+    (e.g. create the output), all ranks wait, check the output, read the done-markers, and wait again, so the
+    markers are read before any rank writes and all ranks agree on the remaining blocks. Rank ``r`` of ``n``
+    takes every n-th remaining block starting at r, wrapped in a one-replica ``DistributedSampler`` so that
+    Lightning does not shard it again (its ``UnrepeatedDistributedSamplerWrapper`` asserts that every rank gets
+    at least one item, which fails when fewer blocks than ranks remain).
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        plan: BlockPlan,
+        output: str | Path,
+        *,
+        levels: int,
+        out_dtype: str,
+        num_workers: int = DEFAULT_NUM_WORKERS,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_dtype = out_dtype
+        self.volume = volume
+        self.plan = plan
+        self.output = Path(output)
+        self.levels = int(levels)
+        self.num_workers = int(num_workers)
+        self.prepare = prepare
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+        self.skipped: int | None = None
+        self.todo: list[int] = []
+        self.shard: list[int] = []
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        assert trainer is not None
+        if self.prepare is not None and trainer.global_rank == 0:
+            self.prepare()
+        trainer.strategy.barrier("exem_prepare_output")
+        check_output_levels(open_levels(self.output, self.levels), self.plan, self.output, self.out_dtype)
+        done = done_blocks(self.output, self.plan, self.levels)
+        todo = [b.index for b in self.plan.blocks if b.index not in done]
+        self.skipped = len(self.plan.blocks) - len(todo)
+        self.todo = todo
+        self.shard = todo[trainer.global_rank :: trainer.world_size]
+        trainer.strategy.barrier("exem_markers_read")
+        if trainer.is_global_zero:
+            log.info(
+                "%d of %d blocks to compute (%d already done)", len(todo), len(self.plan.blocks), self.skipped
+            )
+
+    def predict_dataloader(self) -> DataLoader:
+        dataset = BlockDataset(self.volume, self.plan, self.shard)
+        trainer = self.trainer
+        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs.update(prefetch_factor=2, persistent_workers=False)
+        return DataLoader(
+            dataset,
+            batch_size=1,
+            sampler=DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False),
+            collate_fn=_single,
+            num_workers=self.num_workers,
+            pin_memory=cuda,
+            **kwargs,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing
+
+
+# Z slices downsampled at a time (bounds the float64 temporaries of downsample_inplane).
+_DOWNSAMPLE_SLAB = 8
+
+
+def downsample_block(data: np.ndarray) -> np.ndarray:
+    """2× in-plane mean of a ``(C, Z, Y, X)`` block: :func:`downsample_inplane` per channel, a few Z at a time."""
+    c, z, y, x = data.shape
+    out = np.empty((c, z, -(-y // 2), -(-x // 2)), dtype=data.dtype)
+    for ci in range(c):
+        for z0 in range(0, z, _DOWNSAMPLE_SLAB):
+            out[ci, z0 : z0 + _DOWNSAMPLE_SLAB] = downsample_inplane(data[ci, z0 : z0 + _DOWNSAMPLE_SLAB])
+    return out
+
+
+class BlockWriter(BasePredictionWriter):
+    """Writes each computed block (and its pyramid levels) on a background thread, then marks it done.
+
+    Per block: level 0 is written, then its marker ``<output>/.exem_done/0/<block-id>``; level l is the 2×
+    in-plane mean (:func:`~exem.data.ome.downsample_inplane`, rounded for integers) of level l−1, written,
+    then its marker. Markers are created atomically and only after the data call returned, so a killed run
+    leaves for every block either all of its data and markers, or possibly partial data and missing markers.
+
+    A bounded queue (``queue_size`` blocks) lets writes overlap the next blocks' compute. The first write error
+    is re-raised in the main thread (at the next block, or at the end of ``predict``).
+
+    Args:
+        output: local folder of the output group (arrays ``"0"``, ``"1"``, …).
+        plan: the block plan.
+        levels: number of pyramid levels to write.
+        progress: show a rich progress bar (blocks, Mvox/s) on stderr on global rank 0.
+    """
+
+    def __init__(
+        self,
+        output: str | Path,
+        plan: BlockPlan,
+        levels: int,
+        *,
+        queue_size: int = WRITE_QUEUE_SIZE,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.output = Path(output)
+        self.plan = plan
+        self.levels = int(levels)
+        self.queue_size = int(queue_size)
+        self.progress = bool(progress)
+        self.written = 0
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._arrays: list[zarr.Array] = []
+        self._bar: Any = None
+        self._task: Any = None
+        self._t0 = 0.0
+        self._voxels = 0
+
+    # lifecycle -------------------------------------------------------------------------------------------
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._arrays = open_levels(self.output, self.levels)
+        self._error = None
+        self._queue = queue.Queue(maxsize=max(1, self.queue_size))
+        self._thread = threading.Thread(target=self._run, name="exem-block-writer", daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        self._voxels = 0
+        if self.progress and trainer.is_global_zero:
+            self._start_bar(trainer)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(raise_error=True)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Write what was computed before the failure (those blocks are valid), then let the exception propagate.
+        self._finish(raise_error=False)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._finish(raise_error=False)
+
+    # the queue -------------------------------------------------------------------------------------------
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._raise_if_failed()
+        assert self._queue is not None, "BlockWriter: on_predict_start was not called"
+        index, data = prediction
+        item = (int(index), np.asarray(data))
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._finish(raise_error=False)
+            raise error
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks on a dead consumer
+            try:
+                self.write_block(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self._error = e
+
+    def _finish(self, raise_error: bool) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
+        self._queue = None
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if raise_error and self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._error is not None:
+            log.error("writing a block failed: %s", self._error)
+            self._error = None
+
+    # one block -------------------------------------------------------------------------------------------
+    def write_block(self, index: int, data: np.ndarray) -> None:
+        """Write block ``index`` (``(C, bz, by, bx)`` data) to every level, each followed by its marker."""
+        block = self.plan.blocks[index]
+        if data.ndim == 3:
+            data = data[None]
+        if tuple(data.shape[1:]) != block.shape:
+            raise ValueError(
+                f"block {block.id}: data of shape {data.shape} for a block of {fmt_voxels(block.shape)}"
+            )
+        level_data = data
+        for lvl, arr in enumerate(self._arrays):
+            if lvl:
+                level_data = downsample_block(level_data)
+            f = 2**lvl
+            sl = (
+                slice(block.start[0], block.stop[0]),
+                slice(block.start[1] // f, block.start[1] // f + level_data.shape[2]),
+                slice(block.start[2] // f, block.start[2] // f + level_data.shape[3]),
+            )
+            if arr.ndim == 3:
+                if level_data.shape[0] != 1:
+                    raise ValueError(
+                        f"the network returned {level_data.shape[0]} channels but output level {lvl} is 3D"
+                    )
+                arr[sl] = level_data[0]
+            else:
+                arr[(slice(None), *sl)] = level_data
+            touch_atomic(_marker(self.output, lvl, block))
+        self.written += 1
+        self._voxels += block.voxels
+        if self._bar is not None:
+            elapsed = max(time.perf_counter() - self._t0, 1e-9)
+            self._bar.update(self._task, advance=1, rate=f"{self._voxels / elapsed / 1e6:.2f} Mvox/s")
+
+    def _start_bar(self, trainer: L.Trainer) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        dm = trainer.datamodule
+        total = len(dm.shard) if isinstance(dm, BlockDataModule) else None
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("blocks"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        who = f" (rank 0 of {trainer.world_size})" if trainer.world_size > 1 else ""
+        self._task = self._bar.add_task(f"{self.output.name}{who}", total=total, rate="")
+        self._bar.start()

@@ -1,0 +1,129 @@
+"""The shared first half of every whole-volume inference: open the input, check the patch, plan once, record.
+
+Translation, reliability maps and segmentation each do::
+
+    volume = open_input(source, level, intensity_range, percentiles)
+    job = plan_job(net, volume, source, patch=…, overlap=…, roi=…, chunks=…, block_shape=…, trainer=…)
+    record = job.record(sigma=…, dtype=…, autocast_dtype=…, **their own settings)
+    action = inspect_output(out, record, …)                    # exem.inference.output
+    run_blockwise(net, job.volume, job.plan, out, prepare=…)    # exem.inference.engine
+
+and keep only what is theirs (the network, the output layout, post-processing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from exem.checks import check_input_shape, triple
+from exem.data.volume import Volume, open_volume
+from exem.inference.engine import default_block_voxels
+from exem.inference.output import grid_record, jsonable, output_voxel_size
+from exem.inference.plan import BlockPlan, plan_volume
+
+__all__ = ["Job", "check_patch", "open_input", "plan_job"]
+
+
+def open_input(
+    source: Any,
+    level: int = 0,
+    intensity_range: Sequence[float] | None = None,
+    percentiles: Sequence[float] | None = None,
+) -> Volume:
+    """The input volume of a run: ``open_volume`` for a path (or array), an opened :class:`Volume` as it is.
+
+    An opened volume carries its own normalisation: ``intensity_range`` replaces it, ``percentiles`` is refused.
+
+    Raises:
+        VolumeError: unreadable or invalid input. ValueError: bad range, or percentiles for an opened volume.
+    """
+    if isinstance(source, Volume):
+        if percentiles is not None:
+            raise ValueError(
+                "percentiles apply when opening the input; give a path, or open the volume with them"
+            )
+        if intensity_range is not None:
+            lo, hi = (float(v) for v in intensity_range)
+            if not hi > lo:
+                raise ValueError(f"intensity range [{lo:g}, {hi:g}] must have hi > lo")
+            return replace(source, intensity_range=(lo, hi))
+        return source
+    return open_volume(source, level=level, intensity_range=intensity_range, percentiles=percentiles)
+
+
+def check_patch(net: nn.Module, patch: Sequence[int]) -> tuple[int, int, int]:
+    """``patch`` as (z, y, x) positive voxels that ``net`` accepts (its Y/X divisor, :func:`check_input_shape`).
+
+    Raises:
+        ValueError: one line naming the patch and the rule.
+    """
+    patch3 = triple(patch, "patch")
+    if min(patch3) < 1:
+        raise ValueError(f"patch must be positive, got {list(patch3)}")
+    check_input_shape(net, patch3)
+    return patch3
+
+
+@dataclass(frozen=True)
+class Job:
+    """A planned run: the volume read, its plan (made once), the output's voxel size and the input's identity.
+
+    Attributes:
+        volume: the input as the network reads it (possibly a resampled view).
+        source: what the user passed as input (its resolved path goes into the record).
+        plan: blocks, patch grid, chunks and levels (:func:`~exem.inference.plan.plan_volume`).
+        voxel_size_nm: (z, y, x) nm of the output (the volume's; 1 nm when unknown).
+    """
+
+    volume: Volume
+    source: Any
+    plan: BlockPlan
+    voxel_size_nm: tuple[float, float, float]
+
+    def record(self, *, sigma: float, dtype: str, autocast_dtype: str | None, **task: Any) -> dict[str, Any]:
+        """The output's record: the grid part (:func:`~exem.inference.output.grid_record`) and ``task``'s keys."""
+        base = grid_record(
+            self.volume, self.source, self.plan, sigma=sigma, dtype=dtype, autocast_dtype=autocast_dtype
+        )
+        return {**base, **jsonable(task)}
+
+
+def plan_job(
+    net: nn.Module,
+    volume: Volume,
+    source: Any,
+    *,
+    patch: Sequence[int],
+    overlap: Sequence[int] | None = None,
+    roi: Sequence[int] | None = None,
+    chunks: Sequence[int] | None = None,
+    block_shape: Sequence[int] | None = None,
+    trainer: L.Trainer | None = None,
+) -> Job:
+    """Check the patch against ``net``, plan the blocks once (the trainer's device sets the default block budget).
+
+    Args:
+        net: the network that will run (its Y/X divisor is checked).
+        volume: the input volume; ``source``: what the user gave (for the record).
+        patch, overlap, roi, chunks, block_shape: see :func:`~exem.inference.plan.plan_volume` (voxels).
+        trainer: the run's trainer (None: CUDA when available).
+
+    Raises:
+        ValueError: bad patch / overlap / ROI / chunks / block shape (one line).
+    """
+    patch3 = check_patch(net, patch)
+    plan = plan_volume(
+        volume.shape,
+        patch3,
+        overlap,
+        roi=roi,
+        chunks=chunks,
+        block_shape=block_shape,
+        block_voxels=default_block_voxels(trainer),
+    )
+    return Job(volume=volume, source=source, plan=plan, voxel_size_nm=output_voxel_size(volume))
