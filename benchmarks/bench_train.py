@@ -102,6 +102,7 @@ def model_config(size: dict[str, Any], variant: str = "fp32") -> dict[str, Any]:
     cfg = OmegaConf.to_container(OmegaConf.load(MODEL_CONF), resolve=False)
     assert isinstance(cfg, dict)
     cfg.pop("_target_", None)
+    cfg.pop("_recursive_", None)
     cfg["generator"]["widths"] = list(size["widths"])
     cfg["discriminator"]["base_filters"] = int(size["base_filters"])
     cfg["image_every_n_steps"] = 0

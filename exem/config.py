@@ -58,13 +58,24 @@ def check_missing(cfg: DictConfig, hints: Mapping[str, str] | None = None) -> No
 
     ``hints`` maps a key to the whole message for it (e.g. a key the command line spells differently).
     """
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    missing = sorted(
+        k for k in _missing_keys(OmegaConf.to_container(cfg, resolve=False)) if not k.startswith("hydra.")
+    )
     for key, message in (hints or {}).items():
         if key in missing:
             raise ConfigError(message)
     if missing:
         example = " ".join(f"{k}=..." for k in missing)
         raise ConfigError(f"missing mandatory config value(s): {', '.join(missing)} (set them: {example})")
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is the literal ``???`` (interpolations to them are not listed, nor resolved)."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _missing_keys(v, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _missing_keys(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "???" else []
 
 
 def default_precision(accelerator: str | None) -> str:

@@ -188,7 +188,10 @@ class ContentGroups:
         lines = [f"exem-calibrate: content groups of {self.voxels[0]:,} ExM and {self.voxels[1]:,} EM voxels"]
         lines += [self.table(), f"chosen: {self.describe()}"]
         lines += [f"warning: {note}" for note in self.notes]
-        lines += [f"picture: {png_path}   record: {json_path}", "to fix these groups in an experiment config:"]
+        lines += [
+            f"picture: {png_path}   record: {json_path}",
+            "to fix these groups in an experiment config:",
+        ]
         lines += [self.yaml_block(), self.summary_json()]
         return "\n".join(lines)
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "IntensityGroupContentLoss",
+    "LossWeights",
     "content_decay",
     "cycle_loss",
     "discriminator_loss",
@@ -85,6 +88,40 @@ def content_decay(step: int | Tensor, decay_steps: float) -> float | Tensor:
     if not decay_steps > 0 or not math.isfinite(decay_steps):
         raise ValueError(f"content_decay: decay_steps must be a finite number > 0, got {decay_steps!r}")
     return 2.0 ** (-step / decay_steps)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the generator loss terms (``model.loss`` without its ``content`` settings), published defaults.
+
+    ``G = lambda_gan·(adv_AB + adv_BA) + lambda_cycle·cycle + lambda_content·2^(−batch/content_decay_steps)·content
+    (+ lambda_identity·identity)``.
+    """
+
+    lambda_gan: float = 1.0
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 0.0
+    lambda_content: float = 50.0
+    content_decay_steps: float = 1000.0
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"model.loss.{name} must be a number ≥ 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not self.content_decay_steps > 0:
+            raise ValueError("loss.content_decay_steps must be > 0")
+
+    @classmethod
+    def from_config(cls, loss: Mapping[str, Any] | None) -> LossWeights:
+        """The weights in a ``model.loss`` mapping (its ``content`` settings aside); missing ones take the
+        published values, unknown keys are refused in one line."""
+        weights = {k: v for k, v in dict(loss or {}).items() if k != "content"}
+        unknown = sorted(set(weights) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"model.loss: unknown key(s) {', '.join(unknown)}")
+        return cls(**weights)
 
 
 def _sigmoid_step(x: Tensor, threshold: float, slope: float) -> Tensor:
@@ -207,23 +244,23 @@ class IntensityGroupContentLoss(nn.Module):
             f"lm_to_em={self.lm_to_em}, em_to_lm={self.em_to_lm}"
         )
 
-    def forward(self, real_a: Tensor, fake_b: Tensor, real_b: Tensor, fake_a: Tensor) -> Tensor:
+    def forward(self, real_lm: Tensor, fake_em: Tensor, real_em: Tensor, fake_lm: Tensor) -> Tensor:
         """Content loss of one batch.
 
         Args:
-            real_a: ``(B, 1, Z, Y, X)`` real LM volume, normalised to [0, 1].
-            fake_b: ``G_AB(real_a)``, same shape, EM units.
-            real_b: ``(B, 1, Z, Y, X)`` real EM volume, normalised to [0, 1] (its shape may
-                differ from real_a's).
-            fake_a: ``G_BA(real_b)``, same shape as ``real_b``, LM units.
+            real_lm: ``(B, 1, Z, Y, X)`` real LM volume, normalised to [0, 1].
+            fake_em: ``G_AB(real_lm)``, same shape, EM units.
+            real_em: ``(B, 1, Z, Y, X)`` real EM volume, normalised to [0, 1] (its shape may
+                differ from real_lm's).
+            fake_lm: ``G_BA(real_em)``, same shape as ``real_em``, LM units.
 
         Returns:
             a scalar tensor.
         """
-        a = intensity_groups(real_a, self.lm_thresholds, self.slope)
-        fb = intensity_groups(fake_b, self.em_thresholds, self.slope)
-        b = intensity_groups(real_b, self.em_thresholds, self.slope)
-        fa = intensity_groups(fake_a, self.lm_thresholds, self.slope)
+        a = intensity_groups(real_lm, self.lm_thresholds, self.slope)
+        fb = intensity_groups(fake_em, self.em_thresholds, self.slope)
+        b = intensity_groups(real_em, self.em_thresholds, self.slope)
+        fa = intensity_groups(fake_lm, self.lm_thresholds, self.slope)
 
         terms: list[Tensor] = []
         for i, targets in enumerate(self.lm_to_em):

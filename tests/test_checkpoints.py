@@ -47,7 +47,7 @@ def _module() -> Any:
         generator={"in_channels": 1, "out_channels": 1, "widths": list(TINY)},
         discriminator={"in_channels": 1, "num_scales": 1, "base_filters": 4},
         loss={"lambda_content": 0.0, "content_decay_steps": 10},
-        optim={"name": "adam", "lr": 1e-3},
+        optimizer={"lr": 1e-3},
     )
 
 

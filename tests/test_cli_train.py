@@ -95,7 +95,7 @@ def test_multirun_two_jobs(synthetic_dir: Path, tmp_path: Path) -> None:
         "-m",
         *DEMO_FAST,
         "trainer.max_steps=3",
-        "model.optim.lr=0.001,0.002",
+        "model.optimizer.lr=0.001,0.002",
         f"paths.data_dir={synthetic_dir}",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
@@ -192,7 +192,7 @@ def test_optuna_sweep_optimises_returned_metric(synthetic_dir: Path, tmp_path: P
     assert results["name"] == "optuna"
     assert -1.0 <= float(results["best_value"]) <= 1.0  # val/cycle_ssim returned by train()
     assert set(results["best_params"]) == {
-        "model.optim.lr",
+        "model.optimizer.lr",
         "model.loss.lambda_cycle",
         "model.loss.lambda_content",
     }

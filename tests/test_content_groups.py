@@ -253,7 +253,7 @@ def _module(content: dict, report_dir: Path | None = None) -> ExEMModule:
         generator={"widths": [4, 8]},
         discriminator={"num_scales": 1, "base_filters": 4},
         loss={"lambda_content": 1.0, "content": content},
-        optim={"name": "adam", "lr": 1e-3},
+        optimizer={"lr": 1e-3},
         report_dir=str(report_dir) if report_dir else None,
     )
 

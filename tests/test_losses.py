@@ -224,11 +224,13 @@ def test_content_loss_accepts_lists_from_config() -> None:
 
 
 def test_model_config_and_code_defaults_are_the_published_values() -> None:
-    """conf/model/exem.yaml and the classes' own defaults agree, and both are the published ExEM settings."""
+    """conf/model/exem.yaml's model.loss and the losses' own defaults agree, and both are the published ExEM
+    settings (the networks and the optimizer: tests/test_model_config.py)."""
     from omegaconf import OmegaConf
 
     from exem.cli import CONF_DIR
-    from exem.module import ExEMModule, LossWeights
+    from exem.losses import LossWeights
+    from exem.module import ExEMModule
 
     published = {"lambda_gan": 1.0, "lambda_cycle": 10.0, "lambda_identity": 0.0, "lambda_content": 50.0,
                  "content_decay_steps": 1000.0}  # fmt: skip
@@ -241,18 +243,16 @@ def test_model_config_and_code_defaults_are_the_published_values() -> None:
         assert getattr(content, key) == pytest.approx(cfg["loss"]["content"][key]), key
     assert [list(g) for g in content.lm_to_em] == cfg["loss"]["content"]["lm_to_em"] == [[0, 2], [1]]
     assert list(content.em_to_lm) == cfg["loss"]["content"]["em_to_lm"] == [0, 1, 0]
-    assert cfg["optim"]["betas"] == [0.5, 0.999] and cfg["optim"]["lr"] == 3e-4
-    # a module built with empty loss / optim mappings gets the published values too
-    module = ExEMModule(generator={"widths": [4, 8]}, discriminator={"num_scales": 1, "base_filters": 4}, loss={},
-                        optim={"name": "adam"})  # fmt: skip
+    # a module built with an empty loss mapping gets the published values too
+    module = ExEMModule(
+        generator={"widths": [4, 8]}, discriminator={"num_scales": 1, "base_filters": 4}, loss={}
+    )
     assert module.loss_weights == code
-    opt_g = module.configure_optimizers()[0][0]
-    assert opt_g.defaults["betas"] == (0.5, 0.999) and opt_g.defaults["lr"] == 3e-4
 
 
 @pytest.mark.parametrize("bad", [{"lambda_cycle": -1.0}, {"content_decay_steps": 0}, {"lambda_gan": "1"}])
 def test_loss_weights_refuse_bad_values(bad: dict) -> None:
-    from exem.module import LossWeights
+    from exem.losses import LossWeights
 
     with pytest.raises(ValueError):
         LossWeights(**bad)
@@ -262,5 +262,4 @@ def test_unknown_loss_key_is_one_line() -> None:
     from exem.module import ExEMModule
 
     with pytest.raises(ValueError, match="model.loss: unknown key"):
-        ExEMModule(generator={"widths": [4, 8]}, discriminator={"num_scales": 1}, loss={"lambda_cycel": 5.0},
-                   optim={})  # fmt: skip
+        ExEMModule(generator={"widths": [4, 8]}, discriminator={"num_scales": 1}, loss={"lambda_cycel": 5.0})

@@ -48,7 +48,7 @@ def published_module(replay_buffer_size: int, decay_steps: float = CONTENT_DECAY
                 "slope": SIGMOID_SLOPE,
             },
         },
-        optim={"name": "adam", "lr": LR, "betas": [0.5, 0.999]},
+        optimizer={"lr": LR, "betas": [0.5, 0.999]},
         replay_buffer_size=replay_buffer_size,
     )
 

@@ -27,7 +27,7 @@ def tiny_module(**kwargs: Any) -> ExEMModule:
         generator=generator,
         discriminator={"num_scales": 1, "base_filters": 4},
         loss={"lambda_content": 50.0, "content_decay_steps": 100},
-        optim={"name": "adam", "lr": 1e-3, "betas": [0.5, 0.999], **kwargs.pop("optim", {})},
+        optimizer={"lr": 1e-3, **kwargs.pop("optimizer", {})},  # betas: the published (0.5, 0.999)
         **kwargs,
     )
 
@@ -76,7 +76,7 @@ def test_auto_switches_stay_off_on_cpu() -> None:
     module = tiny_module(channels_last="auto", torch_compile="auto")
     module.optimize_for("cpu")
     assert module.G_AB.tripleconv2.conv2.weight.is_contiguous()
-    assert not module._compiled
+    assert not module.perf.compiled
 
 
 def test_bad_switch_value_is_a_one_line_error() -> None:
@@ -129,23 +129,25 @@ def test_activation_checkpointing_from_the_model_config() -> None:
 
 
 @pytest.mark.parametrize(
-    ("optim", "expected"),
+    ("kwargs", "expected"),
     [
         ({}, {"fused": True}),
         ({"grad_clip": 1.0}, {"foreach": True}),
-        ({"foreach": False}, {"foreach": False}),
-        ({"fused": False}, {"fused": False}),
+        ({"optimizer": {"foreach": False}}, {"foreach": False}),
+        ({"optimizer": {"fused": False}}, {"fused": False}),
+        ({"optimizer": {"_target_": "torch.optim.AdamW"}}, {"fused": True}),
+        ({"optimizer": {"_target_": "torch.optim.RMSprop"}}, {"foreach": True}),  # no fused kernel
     ],
 )
-def test_optimizer_kernels(optim: dict, expected: dict) -> None:
-    optimizers, _ = tiny_module(optim=optim).configure_optimizers()
+def test_optimizer_kernels(kwargs: dict, expected: dict) -> None:
+    optimizers, _ = tiny_module(**kwargs).configure_optimizers()
     for opt in optimizers:
         for key, value in expected.items():
             assert bool(opt.defaults[key]) is value
 
 
 def test_grad_clip_in_a_plain_loop() -> None:
-    clipped, free = tiny_module(optim={"grad_clip": 1e-3}), tiny_module()
+    clipped, free = tiny_module(grad_clip=1e-3), tiny_module()
     a, b = run_steps(clipped), run_steps(free)
     assert float((a[-1]["total"] - b[-1]["total"]).abs()) > 0  # clipping changed the update
 
@@ -244,7 +246,7 @@ def test_lightning_fit_equals_the_plain_loop_and_logs_at_intervals(tmp_path: Pat
 def test_torch_compile_keeps_the_maths() -> None:
     plain, compiled = tiny_module(), tiny_module(torch_compile=True)
     ours = run_steps(compiled)
-    assert compiled._compiled
+    assert compiled.perf.compiled
     assert set(compiled.state_dict()) == set(plain.state_dict())  # nn.Module.compile keeps the keys
     assert_same_training(ours, run_steps(plain), compiled, plain)
 

@@ -1,0 +1,78 @@
+"""Speed-ups of training that leave the maths as it is.
+
+The switches ``model.torch_compile`` and ``model.channels_last`` are ``True``, ``False`` or ``"auto"`` (on when
+training on a CUDA GPU); :func:`frozen` spares the weight-gradient work of networks that are not being trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["AUTO", "PerfSwitches", "frozen", "switch", "switch_on"]
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+def switch(name: str, value: bool | str) -> bool | str:
+    """A performance switch: True, False or ``"auto"``; one-line ValueError naming ``model.<name>`` otherwise."""
+    if isinstance(value, bool) or value == AUTO:
+        return value
+    raise ValueError(f"model.{name} must be true, false or {AUTO!r}, got {value!r}")
+
+
+def switch_on(value: bool | str, device: torch.device) -> bool:
+    """Whether a switch is on when training on ``device`` (``"auto"``: on a CUDA device)."""
+    return device.type == "cuda" if value == AUTO else bool(value)
+
+
+@contextlib.contextmanager
+def frozen(*nets: nn.Module) -> Iterator[None]:
+    """Parameters of ``nets`` need no gradients inside the block (no weight-gradient work); restored after."""
+    params = [p for net in nets for p in net.parameters()]
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, saved, strict=True):
+            p.requires_grad_(flag)
+
+
+class PerfSwitches:
+    """A model's ``torch_compile`` and ``channels_last`` switches, and what :meth:`apply` has done to its networks.
+
+    ``channels_last``: the networks' 5-D weights (and, by the model, the batches) in ``torch.channels_last_3d``.
+    ``torch_compile``: each network compiled in place (``nn.Module.compile``, so state-dict keys stay as they are).
+    """
+
+    def __init__(self, torch_compile: bool | str = False, channels_last: bool | str = False) -> None:
+        self.torch_compile = switch("torch_compile", torch_compile)
+        self.channels_last = switch("channels_last", channels_last)
+        self.channels_last_active = False
+        self.compiled = False
+
+    def apply(self, nets: Sequence[nn.Module], device: torch.device | str) -> None:
+        """Apply the switches that are on for ``device`` to ``nets``; idempotent."""
+        device = torch.device(device)
+        if switch_on(self.channels_last, device) and not self.channels_last_active:
+            for net in nets:
+                net.to(memory_format=torch.channels_last_3d)
+            self.channels_last_active = True
+        if switch_on(self.torch_compile, device) and not self.compiled:
+            for net in nets:
+                net.compile()
+            self.compiled = True
+        log.debug(
+            "performance switches on %s: channels_last_3d=%s, torch.compile=%s",
+            device,
+            self.channels_last_active,
+            self.compiled,
+        )

@@ -1,0 +1,63 @@
+"""ReplayBuffer: the pool of past generated patches a CycleGAN discriminator is shown (CycleGAN's ImagePool)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ReplayBuffer"]
+
+
+class ReplayBuffer(nn.Module):
+    """A pool of past generated patches shown to a discriminator (CycleGAN's image pool).
+
+    With probability ½ a new fake replaces a random stored one and the stored one is returned instead. Size 0
+    disables the pool (fakes pass through). The pool is a buffer, so it is saved in checkpoints.
+    """
+
+    def __init__(self, size: int = 0) -> None:
+        super().__init__()
+        if size < 0:
+            raise ValueError(f"replay buffer size must be >= 0, got {size}")
+        self.size = int(size)
+        self.register_buffer("images", torch.empty(0), persistent=True)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long), persistent=True)
+        # Host copy of ``count``: reading the buffer on a GPU would wait for the device at every sample.
+        self._filled: int | None = 0
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "images"
+        if key in state_dict:  # the stored pool may have a different shape than the empty placeholder
+            self.images = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._filled = None  # re-read from the loaded buffer at the next call
+
+    @torch.no_grad()
+    def forward(self, fakes: Tensor) -> Tensor:
+        """Return a batch of the same shape as ``fakes`` (``(B, 1, Z, Y, X)``), partly drawn from the pool."""
+        if self.size == 0:
+            return fakes
+        fakes = fakes.detach()
+        if self.images.numel() == 0 or self.images.shape[1:] != fakes.shape[1:]:
+            self.images = fakes.new_zeros((self.size, *fakes.shape[1:]))
+            self.count.zero_()
+            self._filled = 0
+        if self._filled is None:
+            self._filled = int(self.count)  # once after loading a checkpoint
+        out = []
+        for f in fakes:
+            n = self._filled
+            if n < self.size:
+                self.images[n] = f
+                self.count += 1
+                self._filled = n + 1
+                out.append(f)
+            elif torch.rand(()) < 0.5:
+                j = int(torch.randint(self.size, ()))
+                out.append(self.images[j].clone())
+                self.images[j] = f
+            else:
+                out.append(f)
+        return torch.stack(out)
