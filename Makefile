@@ -26,12 +26,12 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/exem-train experiment=demo hydra.run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(VENV)/bin/exem-translate checkpoint=$(DEMO_DIR)/checkpoints/last.ckpt input=$(SYNTH)/exm_test.zarr \
-		output=$(DEMO_DIR)/virtual_em_test.ome.zarr patch=[8,64,64] trainer=cpu
+		output=$(DEMO_DIR)/virtual_em_test.ome.zarr trainer=cpu
 	$(PY) -m exem.analysis.compare --exm $(SYNTH)/exm_test.zarr --virtual-em $(DEMO_DIR)/virtual_em_test.ome.zarr \
 		--em $(SYNTH)/em_test.zarr --out $(DEMO_DIR)/translation_test.png
 	$(VENV)/bin/exem-evaluate exm=$(SYNTH)/exm_test.zarr checkpoint=$(DEMO_DIR)/checkpoints/last.ckpt \
 		segmenter=exem/assets/segmenters/em_mito.pt labels=$(SYNTH)/mito_test.zarr em=$(SYNTH)/em_test.zarr \
-		out=$(DEMO_DIR)/evaluation translate.patch=[8,64,64] trainer=cpu
+		out=$(DEMO_DIR)/evaluation trainer=cpu
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -252,7 +252,7 @@ def bench_lightning(size: dict[str, Any], n_batches: int, warmup: int, rounds: i
     device = torch.device("cpu")
     torch.manual_seed(0)
     state = ExEMModule(**model_config(size)).state_dict()
-    items = [{"A": a, "B": b} for a, b in make_batches(size, device, n=n_batches)]
+    items = [{"lm": a, "em": b} for a, b in make_batches(size, device, n=n_batches)]
     loader = DataLoader(_ListDataset(items), batch_size=None, num_workers=0)
 
     lightning_s: list[float] = []
@@ -288,7 +288,7 @@ def bench_lightning(size: dict[str, Any], n_batches: int, warmup: int, rounds: i
         starts = []
         for batch in loader:
             starts.append(time.perf_counter())
-            plain.train_batch(batch["A"], batch["B"], optimizers, [s["scheduler"] for s in schedulers])
+            plain.train_batch(batch["lm"], batch["em"], optimizers, [s["scheduler"] for s in schedulers])
         plain_s += np.diff(starts)[warmup:].tolist()
         for p, q in zip(lit.parameters(), plain.parameters(), strict=True):
             max_diff = max(max_diff, float((p.detach() - q.detach()).abs().max()))

@@ -83,7 +83,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     generators = {"random_init": AnisotropicUNet3D(widths=args.widths).eval()}
     if args.checkpoint.is_file():
-        generators["trained"] = load_generator(args.checkpoint).eval()
+        generators["trained"] = load_generator(args.checkpoint).network.eval()
     else:
         print(f"no checkpoint at {args.checkpoint}: only the freshly initialised generator")
 

@@ -6,6 +6,7 @@ Public API (imported lazily, so ``import exem`` stays fast)::
     exem.ExEMModule, exem.ExEMDataModule                      # Lightning module and data
     exem.open_volume, exem.PatchGrid                          # volumes and the patch grid
     exem.load_generator, exem.export_generator                # generators from checkpoints / exports / .pth
+    exem.TrainedGenerator                                     # a generator with the facts of its training
     exem.translate_volume, exem.reliability_map               # whole-volume ExM → virtual EM (+ where to trust it)
     exem.segment_volume, exem.load_segmenter                  # EM-trained segmenters on (virtual) EM
     exem.compose_config, exem.train                           # the exem-train job from Python
@@ -13,8 +14,7 @@ Public API (imported lazily, so ``import exem`` stays fast)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from exem.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -32,19 +32,11 @@ _LAZY = {
     "segment_volume": "exem.analysis.segment",
     "load_segmenter": "exem.analysis.segment",
     "load_generator": "exem.checkpoints",
-    "export_generator": "exem.checkpoints",
+    "export_generator": "exem.export",
+    "TrainedGenerator": "exem.trained",
 }
 
 __all__ = [*_LAZY, "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'exem' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, ["__version__"])

@@ -7,7 +7,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["check_input_shape", "check_yx_divisible", "fmt_voxels", "positive_int", "triple"]
+__all__ = [
+    "check_batch",
+    "check_input_shape",
+    "check_yx_divisible",
+    "fmt_voxels",
+    "one_of",
+    "positive_ints",
+    "positive_int",
+    "triple",
+]
 
 
 def fmt_voxels(values: Sequence[int]) -> str:
@@ -44,6 +53,41 @@ def positive_int(name: str, value: int) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def one_of(value: str, choices: Sequence[str], name: str) -> str:
+    """``value`` when it is one of ``choices``.
+
+    Raises:
+        ValueError: ``"<name> must be one of a, b, c, got 'x'"``.
+    """
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def positive_ints(value: Sequence[int], length: int, name: str, axes: str) -> tuple[int, ...]:
+    """``length`` ints ≥ 1 from ``value`` (e.g. a patch (z, y, x) or an example shape (B, C, Z, Y, X)).
+
+    Raises:
+        ValueError: ``"<name> must be <length> positive ints (<axes>), got …"``.
+    """
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != length or min(out) < 1:
+        raise ValueError(f"{name} must be {length} positive ints ({axes}), got {value!r}")
+    return out
+
+
+def check_batch(x: object, in_channels: int, who: str) -> None:
+    """Raise a one-line ValueError unless ``x`` is a ``(B, in_channels, Z, Y, X)`` tensor (``who``: the network)."""
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 5:
+        raise ValueError(f"{who} expects a (B, C, Z, Y, X) tensor, got shape {shape}")
+    if shape[1] != in_channels:
+        raise ValueError(f"{who} expects {in_channels} input channel(s), got {shape[1]}")
 
 
 def check_yx_divisible(shape: Sequence[int], divisor: int, why: str = "") -> None:

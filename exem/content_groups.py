@@ -54,6 +54,7 @@ from exem.content_groups_record import (
     CalibrationError,
     ContentFitSettings,
     ContentGroups,
+    check_stain,
     group_name,
 )
 from exem.content_groups_report import content_groups_panel, write_content_groups
@@ -70,6 +71,7 @@ __all__ = [
     "ContentFitSettings",
     "ContentGroups",
     "check_levels",
+    "check_stain",
     "content_groups_panel",
     "fit_content_groups",
     "fit_from_datamodule",

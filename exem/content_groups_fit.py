@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from exem.content_groups_record import OTSU_BINS, STAINS, CalibrationError, ContentFitSettings, ContentGroups
+from exem.content_groups_record import (
+    OTSU_BINS,
+    CalibrationError,
+    ContentFitSettings,
+    ContentGroups,
+    check_stain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +285,7 @@ def _fit(
     smooth_sigma: float,
 ) -> tuple[ContentGroups, np.ndarray, np.ndarray]:
     """:func:`fit_content_groups`, also returning the smoothed ``lm`` and ``em`` samples it fitted."""
-    if stain is not None and stain not in STAINS:
-        raise CalibrationError(f"data.lm.stain must be one of {', '.join(STAINS)} or null, got {stain!r}")
+    check_stain(stain)
     notes: list[str] = []
     fits, smoothed = [], []
     for domain, sample, groups in (("ExM (data.lm)", lm, lm_groups), ("EM (data.em)", em, em_groups)):

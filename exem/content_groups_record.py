@@ -29,6 +29,17 @@ class CalibrationError(ValueError):
     """Data that content groups cannot be fitted to (constant, too few distinct values, NaN); one line."""
 
 
+def check_stain(stain: str | None) -> str | None:
+    """``data.lm.stain``: one of :data:`STAINS`, or None (no prior on the ExM stain's polarity).
+
+    Raises:
+        CalibrationError: anything else (one line).
+    """
+    if stain is not None and stain not in STAINS:
+        raise CalibrationError(f"data.lm.stain must be one of {', '.join(STAINS)} or null, got {stain!r}")
+    return stain
+
+
 @dataclass(frozen=True)
 class ContentFitSettings:
     """How the content groups are fitted (``model.loss.content`` keys next to the loss's own).

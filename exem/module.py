@@ -3,7 +3,7 @@
 Domains: A = light microscopy (ExM), B = electron microscopy. Generators G_AB (ExM→EM) and G_BA (EM→ExM) are
 :class:`~exem.models.AnisotropicUNet3D`; discriminators D_A and D_B are
 :class:`~exem.models.MultiScaleDiscriminator3D`. All tensors are ``(B, 1, Z, Y, X)`` float with intensities
-normalised to [0, 1].
+normalised to [0, 1]. Batches are the data module's dicts ``{"lm": A, "em": B}`` (validation adds ``"em_paired"``).
 
 Each training batch does, in order: one generator step (both generators, one optimizer), one D_A step, one D_B
 step. Lightning's ``trainer.global_step`` therefore advances by 3 per batch; the content-loss decay is driven by
@@ -133,6 +133,8 @@ class ExEMModule(L.LightningModule):
         # How LM (ExM) input was normalised in training ({"intensity_range": [lo, hi] | None, "percentiles": ...});
         # translation applies the same rule so the generator sees the intensities it was trained on.
         self.lm_normalization: dict[str, list[float] | None] | None = None
+        # The (z, y, x) training patch: the default patch of translation (GroupNorm statistics depend on it).
+        self.training_patch: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ inference
     def forward(self, lm: Tensor) -> Tensor:
@@ -140,8 +142,8 @@ class ExEMModule(L.LightningModule):
         return self.G_AB(lm)
 
     def predict_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        """Translate a batch: a tensor or a dict with key ``"A"``; returns fake EM ``(B, 1, Z, Y, X)``."""
-        lm = batch["A"] if isinstance(batch, Mapping) else batch
+        """Translate a batch: a tensor or a dict with key ``"lm"``; returns fake EM ``(B, 1, Z, Y, X)``."""
+        lm = batch["lm"] if isinstance(batch, Mapping) else batch
         return self.G_AB(lm)
 
     def check_patch(self, patch: Sequence[int]) -> None:
@@ -268,7 +270,7 @@ class ExEMModule(L.LightningModule):
         return losses, images
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        real_a, real_b = batch["A"], batch["B"]
+        real_a, real_b = batch["lm"], batch["em"]
         optimizers = self.optimizers()
         schedulers = self.lr_schedulers() or []
         if not isinstance(schedulers, list):
@@ -285,12 +287,12 @@ class ExEMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        real_a, real_b = batch["A"], batch["B"]
+        real_a, real_b = batch["lm"], batch["em"]
         fake_b = self.G_AB(real_a)
         rec_a = self.G_BA(fake_b)
         fake_a = self.G_BA(real_b)
         rec_b = self.G_AB(fake_a)
-        metrics = cycle_metrics(real_a, rec_a, real_b, rec_b, fake_b, batch.get("B_paired"))
+        metrics = cycle_metrics(real_a, rec_a, real_b, rec_b, fake_b, batch.get("em_paired"))
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=real_a.shape[0], sync_dist=True)
         if batch_idx == 0:
             images = {"fake_b": fake_b, "rec_a": rec_a, "fake_a": fake_a, "rec_b": rec_b}
@@ -368,6 +370,9 @@ class ExEMModule(L.LightningModule):
                     " model.loss.content.auto=false to say so",
                     self.content_loss.extra_repr(),
                 )
+        patch = getattr(datamodule, "patch_size", None)
+        if patch is not None:
+            self.training_patch = tuple(int(v) for v in patch)  # type: ignore[assignment]
         volumes = getattr(datamodule, "lm_volumes", None)
         if volumes and volumes[0].voxel_size_nm is not None:
             self.voxel_size_nm = tuple(float(v) for v in volumes[0].voxel_size_nm)
@@ -382,6 +387,7 @@ class ExEMModule(L.LightningModule):
         checkpoint["exem_batch_step"] = self.batch_step
         checkpoint["exem_voxel_size_nm"] = list(self.voxel_size_nm) if self.voxel_size_nm else None
         checkpoint["exem_lm_normalization"] = self.lm_normalization
+        checkpoint["exem_training_patch"] = list(self.training_patch) if self.training_patch else None
         # The global random state (replay-buffer draws), so a resumed run continues the uninterrupted one exactly.
         # All ranks are seeded alike and draw alike, so rank 0's state (the one saved) stands for every rank.
         checkpoint["exem_rng_state"] = rng_state()
@@ -395,5 +401,7 @@ class ExEMModule(L.LightningModule):
         vs = checkpoint.get("exem_voxel_size_nm")
         self.voxel_size_nm = tuple(float(v) for v in vs) if vs else None
         self.lm_normalization = checkpoint.get("exem_lm_normalization")
+        patch = checkpoint.get("exem_training_patch")
+        self.training_patch = tuple(int(v) for v in patch) if patch else None  # type: ignore[assignment]
         if self._trainer is not None and checkpoint.get("exem_rng_state"):  # resuming training, not loading
             set_rng_state(checkpoint["exem_rng_state"])

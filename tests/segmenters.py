@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exem.checkpoints import _onnx_export
+from exem.export import onnx_export
 
 # EM grey band of the synthetic mitochondria (matrix ~118/255 between membranes ~55 and cytoplasm ~162).
 BAND = (0.36, 0.56)
@@ -50,5 +50,5 @@ def save_segmenters(folder: Path, model: nn.Module | None = None, name: str = "s
     ts, onnx = folder / f"{name}.pt", folder / f"{name}.onnx"
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(model, example), str(ts))
-    _onnx_export(model, example, onnx, ONNX_OPSET, "torchscript")  # the exporter that works offline here
+    onnx_export(model, example, onnx, ONNX_OPSET, "torchscript")  # the exporter that works offline here
     return ts, onnx

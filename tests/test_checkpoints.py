@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from exem.checkpoints import CheckpointError, export_generator, load_generator
+from exem.checkpoints import CheckpointError, load_generator
+from exem.export import export_generator
 from exem.models import AnisotropicUNet3D, MultiScaleDiscriminator3D
+from exem.trained import TrainedGenerator
 from tests.conftest import run_cli
 
 TINY = (4, 8, 16)
@@ -25,7 +27,9 @@ def _tiny(seed: int = 0, widths: tuple[int, ...] = TINY) -> AnisotropicUNet3D:
     return AnisotropicUNet3D(widths=widths).eval()
 
 
-def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, shape: tuple[int, ...] = (2, 1, 3, 16, 24)) -> bool:
+def _same_outputs(a: Any, b: Any, shape: tuple[int, ...] = (2, 1, 3, 16, 24)) -> bool:
+    """Whether two networks (or trained-generator records) give equal outputs on one random input."""
+    a, b = (getattr(n, "network", n) for n in (a, b))
     x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return torch.equal(a(x), b(x))
@@ -71,6 +75,7 @@ def _lightning_checkpoint(module: Any) -> dict[str, Any]:
 def test_lightning_checkpoint_round_trip(tmp_path: Path) -> None:
     module = _module().eval()
     module.voxel_size_nm = (40.0, 10.0, 10.0)
+    module.training_patch = (4, 32, 32)
     module.batch_step = 2
     path = tmp_path / "last.ckpt"
     torch.save(_lightning_checkpoint(module), path)
@@ -78,13 +83,19 @@ def test_lightning_checkpoint_round_trip(tmp_path: Path) -> None:
     assert torch.load(path, weights_only=True)["hyper_parameters"]["generator"]["widths"] == list(TINY)
 
     g_ab = load_generator(path)
-    assert isinstance(g_ab, AnisotropicUNet3D) and not g_ab.training
+    assert isinstance(g_ab, TrainedGenerator) and isinstance(g_ab.network, AnisotropicUNet3D)
+    assert not g_ab.network.training
     assert g_ab.widths == TINY
     assert g_ab.voxel_size_nm == (40.0, 10.0, 10.0)
-    assert g_ab.checkpoint_kind == "lightning" and g_ab.direction == "AB"
+    assert g_ab.training_patch == (4, 32, 32)  # translation's default patch
+    assert g_ab.checkpoint_kind == "lightning" and g_ab.direction == "lm_to_em"
     assert _same_outputs(g_ab, module.G_AB)
+    assert not hasattr(g_ab.network, "voxel_size_nm")  # facts live in the record, not on the module
 
-    g_ba = load_generator(path, direction="BA", widths=TINY)
+    g_ba = load_generator(path, direction="em_to_lm", widths=TINY)
+    assert g_ba.direction == "em_to_lm"
+    assert _same_outputs(g_ba, module.G_BA)
+    g_ba = load_generator(path, direction="BA", widths=TINY)  # the network's name is accepted too
     assert _same_outputs(g_ba, module.G_BA)
     assert not _same_outputs(g_ba, module.G_AB)
 
@@ -116,7 +127,7 @@ def test_published_pth(tmp_path: Path, published_model: AnisotropicUNet3D, prefi
         if line.strip() and not line.startswith("#"):
             name, shape = line.split(" ", 1)
             expected[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    state = loaded.state_dict()
+    state = loaded.network.state_dict()
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
     reference = published_model.state_dict()
     assert all(torch.equal(state[k], reference[k]) for k in expected)
@@ -124,19 +135,23 @@ def test_published_pth(tmp_path: Path, published_model: AnisotropicUNet3D, prefi
 
 def test_exported_round_trip(tmp_path: Path) -> None:
     model = _tiny(seed=3)
-    model.voxel_size_nm = (40.0, 9.0, 9.0)
-    files = export_generator(model, tmp_path / "exp", formats=["exem"])
+    norm = {"intensity_range": None, "percentiles": [1.0, 99.0]}
+    trained = TrainedGenerator(
+        model, voxel_size_nm=(40.0, 9.0, 9.0), lm_normalization=norm, training_patch=(4, 16, 16)
+    )
+    files = export_generator(trained, tmp_path / "exp", formats=["exem"])
     assert set(files) == {"safetensors", "json"}
     meta = json.loads(files["json"].read_text())
     assert meta["format"] == "exem-generator" and meta["version"] == 1
     assert meta["widths"] == list(TINY) and meta["voxel_size_nm"] == [40.0, 9.0, 9.0]
-    assert meta["direction"] == "AB"
+    assert meta["direction"] == "lm_to_em" and meta["training_patch"] == [4, 16, 16]
 
     for target in (tmp_path / "exp", files["safetensors"]):
         loaded = load_generator(target)
         assert loaded.checkpoint_kind == "exported" and loaded.voxel_size_nm == (40.0, 9.0, 9.0)
+        assert loaded.lm_normalization == norm and loaded.training_patch == (4, 16, 16)
         assert _same_outputs(loaded, model)
-    with pytest.raises(CheckpointError, match="holds the AB generator, but direction=BA"):
+    with pytest.raises(CheckpointError, match="holds the lm_to_em generator, but direction=em_to_lm"):
         load_generator(tmp_path / "exp", direction="BA")
 
     files["json"].unlink()  # the safetensors header carries the same config

@@ -64,6 +64,21 @@ def test_demo_writes_checkpoint_metrics_and_panels(demo_run: Path) -> None:
     assert (demo_run / "content_groups.png").is_file()
 
 
+def test_translate_a_training_checkpoint_without_a_patch(demo_run: Path, synthetic_dir: Path) -> None:
+    """The checkpoint records the training patch; exem-translate (and exem-evaluate) use it when none is given."""
+    ckpt = demo_run / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["exem_training_patch"] == [8, 64, 64]
+    out = demo_run / "vem.ome.zarr"
+    exm = synthetic_dir / "synthetic" / "exm_test.zarr"
+    if not exm.exists():
+        exm = next(synthetic_dir.rglob("exm_test.zarr"))
+    proc = run_cli(
+        "exem-translate", f"checkpoint={ckpt}", f"input={exm}", f"output={out}", "trainer=cpu", cwd=demo_run
+    )
+    _ok(proc)
+    assert zarr.open_group(str(out), mode="r").attrs["exem"]["patch"] == [8, 64, 64]
+
+
 def test_resume_continues_step_counter(demo_run: Path, synthetic_dir: Path, tmp_path: Path) -> None:
     ckpt = demo_run / "checkpoints" / "last.ckpt"
     run_dir = tmp_path / "resumed"

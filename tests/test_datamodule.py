@@ -76,8 +76,8 @@ def test_train_batches(data) -> None:
     batches = list(dm.train_dataloader())
     assert len(batches) == 3
     for batch in batches:
-        assert set(batch) == {"A", "B"}
-        for key in ("A", "B"):
+        assert set(batch) == {"lm", "em"}
+        for key in ("lm", "em"):
             x = batch[key]
             assert x.shape == (2, 1, *PATCH) and x.dtype == torch.float32
             assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
@@ -95,22 +95,22 @@ def test_samples_are_deterministic_and_match_coordinates(data) -> None:
     ds = dm.train_dataset
     for i in (0, 5, 123):
         a, b = ds[i], ds[i]
-        assert torch.equal(a["A"], b["A"]) and torch.equal(a["B"], b["B"])
+        assert torch.equal(a["lm"], b["lm"]) and torch.equal(a["em"], b["em"])
     # without augmentation the patch is exactly the volume at sample_coords
     for i in range(20):
         c = ds.sample_coords(i)
-        (va, sa), (_, sb) = c["A"], c["B"]
+        (va, sa), (_, sb) = c["lm"], c["em"]
         sample = ds[i]
         if va == 0:
             z, y, x = sa
             ref = data.lm[z : z + 4, y : y + 16, x : x + 16] / 255.0
-            np.testing.assert_allclose(sample["A"][0].numpy(), ref, rtol=1e-6)
+            np.testing.assert_allclose(sample["lm"][0].numpy(), ref, rtol=1e-6)
         z, y, x = sb
         np.testing.assert_allclose(
-            sample["B"][0].numpy(), data.em[z : z + 4, y : y + 16, x : x + 16] / 65535.0, rtol=1e-6
+            sample["em"][0].numpy(), data.em[z : z + 4, y : y + 16, x : x + 16] / 65535.0, rtol=1e-6
         )
     # balanced: both LM volumes are drawn
-    assert {ds.sample_coords(i)["A"][0] for i in range(50)} == {0, 1}
+    assert {ds.sample_coords(i)["lm"][0] for i in range(50)} == {0, 1}
 
 
 def test_augmented_samples_are_deterministic(data) -> None:
@@ -121,15 +121,15 @@ def test_augmented_samples_are_deterministic(data) -> None:
     torch.manual_seed(2)  # the global RNG does not matter
     second = [ds[i] for i in range(8)]
     for a, b in zip(first, second, strict=True):
-        assert torch.equal(a["A"], b["A"]) and torch.equal(a["B"], b["B"])
+        assert torch.equal(a["lm"], b["lm"]) and torch.equal(a["em"], b["em"])
     # augmentation changes some patches relative to the raw ones (flips/rotations), not the values' multiset
     raw = ExEMDataModule(lm={"path": data.lm_dir}, em={"path": data.em_path}, patch_size=PATCH, augment=False)
     raw.setup()
     changed = 0
     for i in range(8):
         r = raw.train_dataset[i]
-        changed += not torch.equal(r["A"], first[i]["A"])
-        assert torch.equal(r["A"].flatten().sort().values, first[i]["A"].flatten().sort().values)
+        changed += not torch.equal(r["lm"], first[i]["lm"])
+        assert torch.equal(r["lm"].flatten().sort().values, first[i]["lm"].flatten().sort().values)
     assert changed > 0
 
 
@@ -138,21 +138,21 @@ def test_pickled_dataset_and_workers_give_the_same_samples(data) -> None:
     ds = dm.train_dataset
     clone = pickle.loads(pickle.dumps(ds))
     assert all(v._array is None for v in clone.lm + clone.em)  # handles reopened lazily in workers
-    assert torch.equal(clone[3]["A"], ds[3]["A"])
+    assert torch.equal(clone[3]["lm"], ds[3]["lm"])
     batches = list(dm.train_dataloader())
     expected = [ds[i] for i in range(6)]
-    got_a = torch.cat([b["A"] for b in batches])
-    assert torch.equal(got_a, torch.stack([e["A"] for e in expected]))
+    got_a = torch.cat([b["lm"] for b in batches])
+    assert torch.equal(got_a, torch.stack([e["lm"] for e in expected]))
 
 
 def test_epochs_differ(data) -> None:
     dm = dm_for(data)
     loader = dm.train_dataloader()
     assert list(loader.sampler) == list(range(0, 6))
-    epoch0 = torch.cat([b["A"] for b in loader])
+    epoch0 = torch.cat([b["lm"] for b in loader])
     dm.trainer = SimpleNamespace(current_epoch=1)
     assert list(loader.sampler) == list(range(6, 12))
-    epoch1 = torch.cat([b["A"] for b in loader])
+    epoch1 = torch.cat([b["lm"] for b in loader])
     assert not torch.equal(epoch0, epoch1)
     loader.sampler.set_epoch(2)  # what Lightning calls at each epoch start
     assert list(loader.sampler) == list(range(12, 18))
@@ -174,7 +174,7 @@ def test_epoch_sampler_is_sharded_by_lightnings_ddp_wrapper() -> None:
 def test_training_never_touches_the_validation_region(data) -> None:
     dm = dm_for(data, samples_per_epoch=200, val_fraction=0.25)
     ds = dm.train_dataset
-    for domain, splits in (("A", dm.lm_splits), ("B", dm.em_splits)):
+    for domain, splits in (("lm", dm.lm_splits), ("em", dm.em_splits)):
         for i in range(200):
             v, start = ds.sample_coords(i)[domain]
             split = splits[v]
@@ -184,7 +184,7 @@ def test_training_never_touches_the_validation_region(data) -> None:
     assert dm.lm_splits[0].axis == 1  # 8×64×48 / 4×16×16 → ratios 2, 4, 3
     assert dm.em_splits[0].axis == 2  # 6×40×72 → ratios 1.5, 2.5, 4.5
     assert dm.lm_splits[1].axis == 1  # 5×32×32 → tie between y and x
-    for domain, splits in (("A", dm.lm_splits), ("B", dm.em_splits)):
+    for domain, splits in (("lm", dm.lm_splits), ("em", dm.em_splits)):
         for i in range(len(dm.val_dataset)):
             v, start = dm.val_dataset.coords(i)[domain]
             ax = splits[v].axis
@@ -210,26 +210,26 @@ def test_validation_with_paired_em(data) -> None:
     loader = dm.val_dataloader()
     items = [val[i] for i in range(len(val))]
     for i, item in enumerate(items):
-        assert set(item) == {"A", "B", "B_paired"}
-        v, (z, y, x) = val.coords(i)["A"]
+        assert set(item) == {"lm", "em", "em_paired"}
+        v, (z, y, x) = val.coords(i)["lm"]
         assert v == 0  # pairs with LM volume 0
-        np.testing.assert_allclose(item["A"][0].numpy(), data.lm[z : z + 4, y : y + 16, x : x + 16] / 255.0)
+        np.testing.assert_allclose(item["lm"][0].numpy(), data.lm[z : z + 4, y : y + 16, x : x + 16] / 255.0)
         np.testing.assert_allclose(
-            item["B_paired"][0].numpy(), data.paired[z : z + 4, y : y + 16, x : x + 16] / 255.0, rtol=1e-6
+            item["em_paired"][0].numpy(), data.paired[z : z + 4, y : y + 16, x : x + 16] / 255.0, rtol=1e-6
         )
     batch = next(iter(loader))
-    assert batch["B_paired"].shape == (2, 1, *PATCH)
-    assert torch.equal(batch["A"][0], items[0]["A"])
+    assert batch["em_paired"].shape == (2, 1, *PATCH)
+    assert torch.equal(batch["lm"][0], items[0]["lm"])
     # deterministic and no augmentation
-    assert torch.equal(val[1]["B"], val[1]["B"])
+    assert torch.equal(val[1]["em"], val[1]["em"])
 
 
 def test_validation_size_and_spread(data) -> None:
     dm = dm_for(data, val_patches=100)
     val = dm.val_dataset
-    assert len(val) == max(len(val.a_coords), len(val.b_coords))
-    assert {c[0] for c in val.a_coords} == {0, 1}
-    assert set(next(iter(dm.val_dataloader()))) == {"A", "B"}
+    assert len(val) == max(len(val.lm_coords), len(val.em_coords))
+    assert {c[0] for c in val.lm_coords} == {0, 1}
+    assert set(next(iter(dm.val_dataloader()))) == {"lm", "em"}
     small = dm_for(data, val_patches=2)
     assert len(small.val_dataset) == 2
 
@@ -242,8 +242,8 @@ def test_paired_shape_mismatch(data) -> None:
 def test_2d_patches(data) -> None:
     dm = dm_for(data, patch_size=(1, 16, 16))
     batch = next(iter(dm.train_dataloader()))
-    assert batch["A"].shape == (2, 1, 1, 16, 16) and batch["B"].shape == (2, 1, 1, 16, 16)
-    assert next(iter(dm.val_dataloader()))["A"].shape == (2, 1, 1, 16, 16)
+    assert batch["lm"].shape == (2, 1, 1, 16, 16) and batch["em"].shape == (2, 1, 1, 16, 16)
+    assert next(iter(dm.val_dataloader()))["lm"].shape == (2, 1, 1, 16, 16)
 
 
 def test_patch_larger_than_volume(data) -> None:
@@ -303,8 +303,8 @@ def test_lightning_fit_draws_new_ids_each_epoch(data) -> None:
             self.val_keys: set[str] = set()
 
         def training_step(self, batch, batch_idx):
-            self.seen.append((self.current_epoch, batch["A"].clone()))
-            return (self.w * batch["A"].mean()).sum()
+            self.seen.append((self.current_epoch, batch["lm"].clone()))
+            return (self.w * batch["lm"].mean()).sum()
 
         def validation_step(self, batch, batch_idx):
             self.val_keys |= set(batch)
@@ -331,11 +331,11 @@ def test_lightning_fit_draws_new_ids_each_epoch(data) -> None:
         enable_model_summary=False,
     )
     trainer.fit(model, datamodule=dm)
-    assert model.val_keys == {"A", "B"}
+    assert model.val_keys == {"lm", "em"}
     ds = dm.train_dataset
     for epoch in (0, 1):
         got = torch.cat([a for e, a in model.seen if e == epoch])
-        expected = torch.stack([ds[i]["A"] for i in range(4 * epoch, 4 * epoch + 4)])
+        expected = torch.stack([ds[i]["lm"] for i in range(4 * epoch, 4 * epoch + 4)])
         assert torch.equal(got, expected)
 
 
@@ -343,7 +343,7 @@ def test_rectangular_patches_keep_their_shape_under_augmentation(data) -> None:
     dm = dm_for(data, patch_size=(4, 16, 32), augment=True)
     for i in range(6):
         item = dm.train_dataset[i]
-        assert item["A"].shape == (1, 4, 16, 32) and item["B"].shape == (1, 4, 16, 32)
+        assert item["lm"].shape == (1, 4, 16, 32) and item["em"].shape == (1, 4, 16, 32)
 
 
 def test_hydra_config_instantiates(data) -> None:

@@ -84,10 +84,10 @@ PROBE = textwrap.dedent(
             ids = list(sampler.ids(sampler.epoch))
             origins = [dataset.sample_coords(i) for i in ids]
             self.record(event="epoch", epoch=trainer.current_epoch, sampler=type(sampler).__name__, ids=ids,
-                        origins=[[o["A"], o["B"]] for o in origins])
+                        origins=[[o["lm"], o["em"]] for o in origins])
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.record(event="batch", a=[digest(x) for x in batch["A"]], b=[digest(x) for x in batch["B"]])
+            self.record(event="batch", lm=[digest(x) for x in batch["lm"]], em=[digest(x) for x in batch["em"]])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             state = pl_module.state_dict()
@@ -161,7 +161,7 @@ def test_two_process_ddp_agrees_shards_and_writes_once(synthetic_dir: Path, tmp_
         assert sorted(e0["ids"] + e1["ids"]) == list(range(8 * e0["epoch"], 8 * e0["epoch"] + 8))
         origins = [json.dumps(o) for o in e0["origins"] + e1["origins"]]
         assert len(set(origins)) == len(origins)
-    patches = [d for events in ranks for e in events if e["event"] == "batch" for d in e["a"] + e["b"]]
+    patches = [d for events in ranks for e in events if e["event"] == "batch" for d in e["lm"] + e["em"]]
     assert len(patches) == 2 * 4 * 2 * 2  # ranks × batches × batch size × (A, B)
     assert len(set(patches)) == len(patches)
 

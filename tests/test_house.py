@@ -59,7 +59,7 @@ def test_the_private_import_check_finds_one() -> None:
         ("translate", "generator", "exem.checkpoints.load_generator"),
         ("segment", "segment", "exem.analysis.segment.segment_volume"),
         ("evaluate", "evaluate", "exem.analysis.evaluate.evaluate"),
-        ("export", "export", "exem.checkpoints.export_generator"),
+        ("export", "export", "exem.export.export_generator"),
     ],
 )
 def test_command_configs_name_what_they_call(config: str, node: str, target: str) -> None:

@@ -209,7 +209,7 @@ def test_lightning_fit_equals_the_plain_loop_and_logs_at_intervals(tmp_path: Pat
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
-    data = [{"A": a, "B": b} for a, b in tiny_batches(4)]
+    data = [{"lm": a, "em": b} for a, b in tiny_batches(4)]
     loader = DataLoader(data, batch_size=None)
     lit, plain = tiny_module(), tiny_module()
     trainer = L.Trainer(
@@ -227,7 +227,7 @@ def test_lightning_fit_equals_the_plain_loop_and_logs_at_intervals(tmp_path: Pat
     trainer.fit(lit, train_dataloaders=loader)
     run_steps_on = plain.configure_optimizers()[0]
     for batch in data:
-        plain.train_batch(batch["A"], batch["B"], run_steps_on)
+        plain.train_batch(batch["lm"], batch["em"], run_steps_on)
     assert lit.batch_step == plain.batch_step == len(data)
     for p, q in zip(lit.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from exem.checkpoints import export_generator
 from exem.data.ome import level_scale, read_multiscales, write_ome_zarr
 from exem.data.resample import RescaledNetwork, resample_volume, resampled_shape, same_voxel_size, scale_roi
 from exem.data.volume import open_volume
+from exem.export import export_generator
 from exem.inference.translate import translate_volume
 from exem.models import AnisotropicUNet3D
+from exem.trained import TrainedGenerator
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,18 +32,22 @@ def _smooth(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return np.round(255 * v).astype(np.uint8)
 
 
-class Identity(torch.nn.Module):
-    """An identity 'generator' trained (so it says) at MODEL_NM."""
+class IdentityNet(torch.nn.Module):
+    """An identity network (Y, X divisible by 4)."""
 
     divisor = 4
 
     def __init__(self) -> None:
         super().__init__()
-        self.voxel_size_nm = MODEL_NM
         self.dummy = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.dummy
+
+
+def Identity() -> TrainedGenerator:  # noqa: N802 - reads like the class it wraps
+    """An identity 'generator' trained (so its record says) at MODEL_NM."""
+    return TrainedGenerator(IdentityNet(), voxel_size_nm=MODEL_NM)
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +164,7 @@ def test_cli_resamples_to_the_checkpoint_voxel_size_and_checks_widths(
     volume_path: Path, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
-    g = AnisotropicUNet3D(widths=(4, 8, 16))
-    g.voxel_size_nm = MODEL_NM
+    g = TrainedGenerator(AnisotropicUNet3D(widths=(4, 8, 16)), voxel_size_nm=MODEL_NM)
     export_generator(g, tmp_path / "gen", formats=["exem"])
     base = [f"checkpoint={tmp_path / 'gen'}", f"input={volume_path}", "patch=[8,16,16]", "trainer=cpu"]
     out = tmp_path / "vem.ome.zarr"

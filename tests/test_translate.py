@@ -20,6 +20,7 @@ from exem.inference.blockio import DONE_DIR
 from exem.inference.plan import default_overlap, plan_blocks
 from exem.inference.translate import TranslateResult, translate_volume
 from exem.models.unet import AnisotropicUNet3D
+from exem.trained import TrainedGenerator
 from tests.conftest import sigkill_when
 
 SHAPE = (20, 96, 80)
@@ -318,13 +319,26 @@ def test_default_reader_processes_follow_the_device() -> None:
 
 def test_the_generators_training_normalisation_is_the_default(generator, exm, tmp_path) -> None:
     """A generator loaded from an exem checkpoint knows how its ExM input was normalised; the Python API uses it."""
-    generator.lm_normalization = {"intensity_range": [20.0, 180.0], "percentiles": None}
+    record = TrainedGenerator(
+        generator, lm_normalization={"intensity_range": [20.0, 180.0], "percentiles": None}
+    )
     kw = {**KW, "roi": [0, 8, 0, 64, 0, 64]}
-    trained = translate_volume(generator, exm, tmp_path / "trained.ome.zarr", **kw)
+    trained = translate_volume(record, exm, tmp_path / "trained.ome.zarr", **kw)
     given = translate_volume(generator, exm, tmp_path / "given.ome.zarr", intensity_range=[20, 180], **kw)
     assert np.array_equal(levels_of(trained.output)[0], levels_of(given.output)[0])
     dtype = translate_volume(generator, exm, tmp_path / "dtype.ome.zarr", intensity_range=[0, 255], **kw)
     assert not np.array_equal(levels_of(trained.output)[0], levels_of(dtype.output)[0])
+
+
+def test_the_training_patch_is_the_default_patch(generator, exm, tmp_path) -> None:
+    """Without ``patch``, a generator whose checkpoint records its training patch is applied with that patch; a
+    plain module (an original .pth) gets the published 16×256×256, here too large for the volume."""
+    kw = {k: v for k, v in KW.items() if k not in ("patch", "overlap")}
+    record = TrainedGenerator(generator, training_patch=(4, 32, 32))
+    res = translate_volume(record, exm, tmp_path / "p.ome.zarr", **kw)
+    assert zarr.open_group(str(res.output), mode="r").attrs["exem"]["patch"] == [4, 32, 32]
+    with pytest.raises(ValueError, match="patch 16×256×256 is larger than the volume"):
+        translate_volume(generator, exm, tmp_path / "q.ome.zarr", **kw)
 
 
 @pytest.mark.slow  # torch.compile on the CPU: ~30 s of compilation

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from exem.checks import triple
+from exem.checks import one_of, triple
 from exem.errors import exception_line
 from exem.inference.translate import weights_fingerprint
 
@@ -201,9 +201,7 @@ def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
         if value is None:
             continue
         if key == "kind":
-            if value not in KINDS:
-                raise ValueError(f"{where}: kind must be one of {', '.join(KINDS)}, got {value!r}")
-            out[key] = str(value)
+            out[key] = one_of(str(value), KINDS, f"{where}: kind")
         elif key in ("normalize", "percentiles"):
             out[key] = _pair(value, key, where)
         elif key in ("patch", "overlap"):

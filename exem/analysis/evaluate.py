@@ -204,7 +204,7 @@ def _figure(
 
 def evaluate(
     exm: str | Path,
-    checkpoint: str | Path | nn.Module,
+    checkpoint: str | Path | nn.Module | Any,
     segmenter: str | Path | nn.Module,
     labels: str | Path | np.ndarray,
     *,
@@ -225,7 +225,8 @@ def evaluate(
     Args:
         exm: the ExM volume (Zarr / OME-Zarr / TIFF).
         checkpoint: the generator: an ``exem-train`` checkpoint, an export, an ExEM ``.pth``
-            (:func:`exem.checkpoints.load_generator`), or a module ``(B, 1, Z, Y, X)`` → same.
+            (:func:`exem.checkpoints.load_generator`), a :class:`~exem.trained.TrainedGenerator`, or a module
+            ``(B, 1, Z, Y, X)`` → same.
         segmenter: TorchScript / ONNX file (with its sidecar) or module (see :func:`segment_volume`).
         labels: ground truth of the same sample and grid as ``exm`` (instance ids, or classes with ``labels_class``).
         em: the real EM of the same sample and grid (optional): adds the ``em`` row and translation PSNR/SSIM.
@@ -248,7 +249,8 @@ def evaluate(
         ValueError / FileNotFoundError / FileExistsError: one-line user errors (bad volumes, shapes that differ,
         a class that does not occur, outputs that exist without ``overwrite``).
     """
-    from exem.checkpoints import load_generator, trained_normalization
+    from exem.checkpoints import load_generator
+    from exem.trained import TrainedGenerator, trained_normalization
 
     t0 = time.perf_counter()
     folder = Path(out).expanduser()
@@ -257,7 +259,9 @@ def evaluate(
     labels_volume = open_volume(labels, intensity_range=(0.0, 1.0))
     resolve_region(labels_volume.shape, roi, (1, 1, 1))  # a valid ROI, or a one-line error
     truth, truth_mask = _ground_truth(labels_volume, roi, labels_class)
-    generator = checkpoint if isinstance(checkpoint, nn.Module) else load_generator(checkpoint)
+    generator = (
+        checkpoint if isinstance(checkpoint, (nn.Module, TrainedGenerator)) else load_generator(checkpoint)
+    )
     exm_intensity_range, exm_percentiles = trained_normalization(
         generator, exm_intensity_range, exm_percentiles
     )

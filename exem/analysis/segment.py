@@ -50,7 +50,7 @@ from exem.analysis.em_models import (
     resolve_options,
 )
 from exem.analysis.instances import CONNECTIVITY, check_watershed_size, label_components, seeded_watershed
-from exem.checks import triple
+from exem.checks import one_of, triple
 from exem.data.volume import Volume
 from exem.inference.engine import run_blockwise
 from exem.inference.job import open_input, plan_job
@@ -245,8 +245,7 @@ def segment_volume(
     """
     t0 = time.perf_counter()
     out = local_output(output)
-    if dtype not in PROBABILITY_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(PROBABILITY_DTYPES)}, got {dtype!r}")
+    one_of(dtype, PROBABILITY_DTYPES, "dtype")
     segmenter, sidecar = as_segmenter(model)
     if options:
         sidecar = {**sidecar, **check_options(options, "options")}

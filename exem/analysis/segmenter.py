@@ -39,6 +39,7 @@ from scipy import ndimage as ndi
 from torch import Tensor, nn
 
 from exem.analysis.metrics import dice
+from exem.checks import positive_ints
 from exem.data.synthetic import DEFAULT_SEEDS, make_phantom, render_em
 from exem.models import AnisotropicUNet3D
 
@@ -243,9 +244,9 @@ def train_segmenter(
     widths = tuple(int(w) for w in widths)
     torch.manual_seed(int(seed))
     net = AnisotropicUNet3D(in_channels=1, out_channels=len(CLASSES), widths=widths)
-    patch3 = _three_ints("patch", patch)
-    shape3 = _three_ints("phantom_shape", phantom_shape)
-    export_patch3 = _three_ints("export_patch", export_patch)
+    patch3 = positive_ints(patch, 3, "patch", "z, y, x")
+    shape3 = positive_ints(phantom_shape, 3, "phantom_shape", "z, y, x")
+    export_patch3 = positive_ints(export_patch, 3, "export_patch", "z, y, x")
     export_overlap3 = tuple(int(v) for v in export_overlap)
     net.check_input_shape(patch3)
     net.check_input_shape(export_patch3)
@@ -338,16 +339,6 @@ def train_segmenter(
 # -------------------------------------------------------------------------------------------------------
 # data
 # -------------------------------------------------------------------------------------------------------
-
-
-def _three_ints(name: str, value: Sequence[int]) -> tuple[int, int, int]:
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        out = ()
-    if len(out) != 3 or min(out) < 1:
-        raise ValueError(f"{name} must be 3 positive ints (z, y, x), got {value!r}")
-    return out  # type: ignore[return-value]
 
 
 def _augment_params(augment: AugmentParams | Mapping[str, Any] | None) -> AugmentParams:

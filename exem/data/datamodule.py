@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from exem.checks import fmt_voxels
-from exem.content_groups import STAINS
+from exem.content_groups import check_stain
 from exem.data.datasets import (
     RandomRot90InPlane,
     UnpairedPatchDataset,
@@ -85,10 +85,10 @@ def _volume_config(cfg: Mapping[str, Any] | None, name: str) -> tuple[Any, dict[
 
 
 class ExEMDataModule(L.LightningDataModule):
-    """LM (domain A, ExM) and EM (domain B) volumes → unpaired training patches and a fixed validation set.
+    """LM (ExM) and EM volumes → unpaired training patches and a fixed validation set.
 
-    Batches are ``{"A": float32 (B, 1, Z, Y, X) in [0, 1], "B": same}``; validation batches add
-    ``"B_paired"`` (the ``em_paired`` volume at the A patch's coordinates) when ``em_paired`` is set.
+    Batches are ``{"lm": float32 (B, 1, Z, Y, X) in [0, 1], "em": same}``; validation batches add
+    ``"em_paired"`` (the ``em_paired`` volume at the LM patch's coordinates) when ``em_paired`` is set.
 
     Args:
         lm, em: mappings with ``path`` (a store, OME-Zarr, TIFF, a folder of ``*.zarr`` or a list of those),
@@ -141,10 +141,7 @@ class ExEMDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_patches must be ≥ 1, got {val_patches}")
         if prefetch_factor is not None and prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be ≥ 1 or null, got {prefetch_factor}")
-        stain = lm.get("stain") if hasattr(lm, "get") else None
-        if stain is not None and stain not in STAINS:
-            raise ValueError(f"data.lm.stain must be one of {', '.join(STAINS)} or null, got {stain!r}")
-        self.lm_stain: str | None = stain
+        self.lm_stain: str | None = check_stain(lm.get("stain") if hasattr(lm, "get") else None)
         self.lm_cfg = lm
         self.em_cfg = em
         self.em_paired_cfg = em_paired
@@ -212,13 +209,13 @@ class ExEMDataModule(L.LightningDataModule):
             augment=self.augment,
         )
         lm_for_val = self.lm_splits[:1] if self.em_paired_volume is not None else self.lm_splits
-        a_coords = _spread(self._grid_coords(lm_for_val), self.val_patches)
-        b_coords = _spread(self._grid_coords(self.em_splits), self.val_patches)
+        lm_coords = _spread(self._grid_coords(lm_for_val), self.val_patches)
+        em_coords = _spread(self._grid_coords(self.em_splits), self.val_patches)
         self.val_dataset = ValidationPatchDataset(
             self.lm_volumes,
             self.em_volumes,
-            a_coords,
-            b_coords,
+            lm_coords,
+            em_coords,
             self.patch_size,
             paired=self.em_paired_volume,
         )
@@ -299,7 +296,7 @@ class ExEMDataModule(L.LightningDataModule):
             self.setup()
 
     def train_dataloader(self) -> DataLoader:
-        """Random unpaired patches: ``{"A": (B, 1, Z, Y, X), "B": (B, 1, Z, Y, X)}``, float32 in [0, 1]."""
+        """Random unpaired patches: ``{"lm": (B, 1, Z, Y, X), "em": (B, 1, Z, Y, X)}``, float32 in [0, 1]."""
         self._require_setup()
         assert self.train_dataset is not None
         trainer = self.trainer
@@ -323,7 +320,7 @@ class ExEMDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """Fixed held-out patches: ``{"A", "B"[, "B_paired"]}``, each (B, 1, Z, Y, X) float32 in [0, 1]."""
+        """Fixed held-out patches: ``{"lm", "em"[, "em_paired"]}``, each (B, 1, Z, Y, X) float32 in [0, 1]."""
         self._require_setup()
         assert self.val_dataset is not None
         return DataLoader(

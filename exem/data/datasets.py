@@ -75,12 +75,12 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 
 
 class UnpairedPatchDataset(Dataset):
-    """Random unpaired LM (A) and EM (B) patches, balanced over volumes.
+    """Random unpaired LM and EM patches, balanced over volumes.
 
     Item ``i`` is a global sample id (any ``i ≥ 0``; ``len`` is the epoch length). It returns
-    ``{"A": float32 (1, Z, Y, X) in [0, 1], "B": float32 (1, Z, Y, X) in [0, 1]}``, drawn from
+    ``{"lm": float32 (1, Z, Y, X) in [0, 1], "em": float32 (1, Z, Y, X) in [0, 1]}``, drawn from
     ``np.random.default_rng([seed, i])``: a volume uniformly per domain, a start uniformly inside that
-    volume's training region, and independent augmentations for A and B.
+    volume's training region, and independent augmentations for LM and EM.
 
     Args:
         lm, em: the volumes of each domain.
@@ -146,15 +146,15 @@ class UnpairedPatchDataset(Dataset):
 
     def _draw(self, i: int) -> tuple[tuple[int, Coord], tuple[int, Coord], tuple[int, int]]:
         rng = self._rng(i)
-        a = self._pick(rng, self.lm_regions)
-        b = self._pick(rng, self.em_regions)
+        lm = self._pick(rng, self.lm_regions)
+        em = self._pick(rng, self.em_regions)
         seeds = rng.integers(0, 2**62, size=2)
-        return a, b, (int(seeds[0]), int(seeds[1]))
+        return lm, em, (int(seeds[0]), int(seeds[1]))
 
     def sample_coords(self, i: int) -> dict[str, tuple[int, Coord]]:
-        """``{"A": (lm volume index, (z, y, x) start), "B": (em volume index, start)}`` of sample ``i``."""
-        a, b, _ = self._draw(i)
-        return {"A": a, "B": b}
+        """``{"lm": (lm volume index, (z, y, x) start), "em": (em volume index, start)}`` of sample ``i``."""
+        lm, em, _ = self._draw(i)
+        return {"lm": lm, "em": em}
 
     def intensity_sample(self, patch: Sequence[int], n_patches: int, seed: int) -> dict[str, np.ndarray]:
         """Patches of each domain drawn as training draws them (a volume uniformly, a start uniformly in its
@@ -188,51 +188,54 @@ class UnpairedPatchDataset(Dataset):
         return x
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        (va, sa), (vb, sb), (seed_a, seed_b) = self._draw(int(i))
-        return {"A": self._patch(self.lm[va], sa, seed_a), "B": self._patch(self.em[vb], sb, seed_b)}
+        (v_lm, s_lm), (v_em, s_em), (seed_lm, seed_em) = self._draw(int(i))
+        return {
+            "lm": self._patch(self.lm[v_lm], s_lm, seed_lm),
+            "em": self._patch(self.em[v_em], s_em, seed_em),
+        }
 
 
 class ValidationPatchDataset(Dataset):
-    """Fixed held-out patches: item ``i`` → A patch ``i % nA``, B patch ``i % nB`` (+ ``B_paired`` at A).
+    """Fixed held-out patches: item ``i`` → LM patch ``i % n_lm``, EM patch ``i % n_em`` (+ ``em_paired`` at LM).
 
-    Returns ``{"A": float32 (1, Z, Y, X) in [0, 1], "B": same, ["B_paired": same]}``; no augmentation.
-    ``a_coords``/``b_coords`` are lists of (volume index, (z, y, x) start). ``paired`` pairs with LM volume 0.
+    Returns ``{"lm": float32 (1, Z, Y, X) in [0, 1], "em": same, ["em_paired": same]}``; no augmentation.
+    ``lm_coords``/``em_coords`` are lists of (volume index, (z, y, x) start). ``paired`` pairs with LM volume 0.
     """
 
     def __init__(
         self,
         lm: Sequence[Volume],
         em: Sequence[Volume],
-        a_coords: Sequence[tuple[int, Coord]],
-        b_coords: Sequence[tuple[int, Coord]],
+        lm_coords: Sequence[tuple[int, Coord]],
+        em_coords: Sequence[tuple[int, Coord]],
         patch_size: Sequence[int],
         paired: Volume | None = None,
     ) -> None:
-        if not a_coords or not b_coords:
+        if not lm_coords or not em_coords:
             raise VolumeError("validation needs at least one LM and one EM patch")
         self.lm, self.em = list(lm), list(em)
-        self.a_coords, self.b_coords = list(a_coords), list(b_coords)
+        self.lm_coords, self.em_coords = list(lm_coords), list(em_coords)
         self.patch = tuple(int(p) for p in patch_size)
         self.paired = paired
-        if paired is not None and any(v != 0 for v, _ in self.a_coords):
-            raise VolumeError("paired validation needs all A patches from LM volume 0")
+        if paired is not None and any(v != 0 for v, _ in self.lm_coords):
+            raise VolumeError("paired validation needs all LM patches from LM volume 0")
 
     def __len__(self) -> int:
-        return max(len(self.a_coords), len(self.b_coords))
+        return max(len(self.lm_coords), len(self.em_coords))
 
     def coords(self, i: int) -> dict[str, tuple[int, Coord]]:
-        """``{"A": (lm volume index, start), "B": (em volume index, start)}`` of item ``i``."""
-        return {"A": self.a_coords[i % len(self.a_coords)], "B": self.b_coords[i % len(self.b_coords)]}
+        """``{"lm": (lm volume index, start), "em": (em volume index, start)}`` of item ``i``."""
+        return {"lm": self.lm_coords[i % len(self.lm_coords)], "em": self.em_coords[i % len(self.em_coords)]}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"validation item {i} out of range ({len(self)} items)")
         c = self.coords(i)
-        (va, sa), (vb, sb) = c["A"], c["B"]
+        (v_lm, s_lm), (v_em, s_em) = c["lm"], c["em"]
         out = {
-            "A": _tensor(self.lm[va].read_normalized(_slices(sa, self.patch))),
-            "B": _tensor(self.em[vb].read_normalized(_slices(sb, self.patch))),
+            "lm": _tensor(self.lm[v_lm].read_normalized(_slices(s_lm, self.patch))),
+            "em": _tensor(self.em[v_em].read_normalized(_slices(s_em, self.patch))),
         }
         if self.paired is not None:
-            out["B_paired"] = _tensor(self.paired.read_normalized(_slices(sa, self.patch)))
+            out["em_paired"] = _tensor(self.paired.read_normalized(_slices(s_lm, self.patch)))
         return out

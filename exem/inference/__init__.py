@@ -9,10 +9,8 @@ imported on first use of its names.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from exem.inference.blend import BlendAccumulator, ZStreamBlender, gaussian_window
+from exem.lazy import lazy_attributes
 
 _LAZY = {
     "Block": "exem.inference.plan",
@@ -34,13 +32,6 @@ _LAZY = {
 __all__ = ["BlendAccumulator", "ZStreamBlender", "gaussian_window", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'exem.inference' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(
+    __name__, _LAZY, ["BlendAccumulator", "ZStreamBlender", "gaussian_window"]
+)

@@ -36,7 +36,7 @@ import torch
 import zarr
 from torch import Tensor, nn
 
-from exem.checks import fmt_voxels
+from exem.checks import fmt_voxels, one_of
 from exem.data.grid import AXIS_NAMES
 from exem.data.volume import Volume
 from exem.inference.blend import ZStreamBlender, gaussian_window
@@ -117,8 +117,7 @@ class BlockPredictor(L.LightningModule):
         compile: bool = False,  # noqa: A002 - the config key's name
     ) -> None:
         super().__init__()
-        if out_dtype not in OUT_DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {out_dtype!r}")
+        one_of(out_dtype, OUT_DTYPES, "dtype")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         lo, hi = (float(v) for v in intensity_range)
@@ -422,8 +421,7 @@ def run_blockwise(
         RuntimeError: blocks still missing after the run.
     """
     root = local_root(output)
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {out_dtype!r}")
+    one_of(out_dtype, OUT_DTYPES, "dtype")
     levels = int(plan.levels)
     log.info(
         "%s: %d block(s) of ≤ %s voxels, %d patches of %s (%.1f%% extra work at block borders)",

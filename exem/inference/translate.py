@@ -23,14 +23,14 @@ import lightning as L
 import torch
 from torch import nn
 
-from exem.checkpoints import trained_normalization
-from exem.checks import triple
+from exem.checks import one_of, triple
 from exem.data.resample import RescaledNetwork, resample_volume, same_voxel_size, scale_roi
 from exem.data.volume import Volume
 from exem.inference.engine import OUT_DTYPES, run_blockwise
 from exem.inference.job import check_patch, open_input, plan_job
 from exem.inference.output import GRID_KEYS, create_image, inspect_output, local_output
 from exem.inference.plan import default_overlap
+from exem.trained import TrainedGenerator, as_trained, trained_normalization
 
 __all__ = [
     "OUTPUT_NAME",
@@ -42,6 +42,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OUTPUT_NAME = "virtual_em"
+# The patch (z, y, x) voxels when neither the call nor the generator's checkpoint gives one (published ExEM).
+DEFAULT_PATCH = (16, 256, 256)
 OUTPUT_SCALES = ("input", "model")
 # The record keys a resume must match: the grid's and the generator's (and the resampling).
 RECORD_KEYS = (*GRID_KEYS, "generator", "scale")
@@ -117,8 +119,7 @@ def _apply_scale(
     warning says so). Otherwise ``output_scale="input"`` wraps the generator in a :class:`RescaledNetwork`,
     and ``"model"`` reads the input through :func:`resample_volume` (the ROI, in input voxels, is scaled).
     """
-    if output_scale not in OUTPUT_SCALES:
-        raise ValueError(f"output_scale must be one of {', '.join(OUTPUT_SCALES)}, got {output_scale!r}")
+    one_of(output_scale, OUTPUT_SCALES, "output_scale")
     input_nm = volume.voxel_size_nm
     if model_nm is None or input_nm is None or same_voxel_size(model_nm, input_nm):
         if model_nm is not None and input_nm is None:
@@ -153,11 +154,11 @@ def _apply_scale(
 
 
 def translate_volume(
-    generator: nn.Module,
+    generator: TrainedGenerator | nn.Module,
     input: str | Path | Volume | Any,  # noqa: A002 - the natural name, mirrors the config key
     output: str | Path,
     *,
-    patch: Sequence[int] = (16, 256, 256),
+    patch: Sequence[int] | None = None,
     overlap: Sequence[int] | None = None,
     sigma: float = 0.5,
     batch_size: int = 8,
@@ -183,15 +184,17 @@ def translate_volume(
     """Translate a whole ExM volume (or an ROI) to virtual EM and write it as an OME-Zarr pyramid.
 
     Args:
-        generator: ``(B, 1, Z, Y, X)`` float32 in [0, 1] → ``(B, 1, Z, Y, X)`` (e.g. an
-            :class:`~exem.models.unet.AnisotropicUNet3D`); its weights' fingerprint is recorded in the output.
+        generator: a :class:`~exem.trained.TrainedGenerator` (:func:`~exem.checkpoints.load_generator`: its
+            training normalisation, voxel size and patch are the defaults here), or any module ``(B, 1, Z, Y, X)``
+            float32 in [0, 1] → ``(B, 1, Z, Y, X)``; the weights' fingerprint is recorded in the output.
         input: a Zarr / OME-Zarr / TIFF path (opened with ``open_volume(level=input_level, …)``), or a
             :class:`~exem.data.volume.Volume` (or anything ``open_volume`` accepts, e.g. a numpy array).
         output: local folder of the OME-Zarr written (NGFF 0.4, levels ``"0"`` and ``"1"``, voxel size of the
             input; 1 nm with a warning when unknown). An existing complete output needs ``overwrite=True``; an
             incomplete one written with the same settings and weights is resumed.
         patch: (z, y, x) voxels per network call, as the generator sees them (at the model's voxel size when
-            resampling); Y and X multiples of the generator's ``divisor``.
+            resampling); Y and X multiples of the generator's ``divisor``. None → the generator's training patch
+            when its checkpoint records one, else :data:`DEFAULT_PATCH`.
         overlap: (z, y, x) overlap of neighbouring patches, in the same voxels as ``patch``; None → 25 % of the
             patch (even, 0 for size 1).
         sigma: Gaussian blending window width on [−1, 1]³ (published 0.5).
@@ -204,8 +207,8 @@ def translate_volume(
         num_workers: reader processes; None → :func:`default_num_workers`.
         trainer: a Lightning Trainer (e.g. DDP over several devices); None → one device, chosen automatically.
         intensity_range, percentiles: input normalisation (see ``open_volume``); must match training. Both
-            None → the generator's training normalisation when it has one (``lm_normalization`` from its
-            checkpoint, :func:`~exem.checkpoints.trained_normalization`), else the dtype range.
+            None → the generator's training normalisation when it has one
+            (:func:`~exem.trained.trained_normalization`), else the dtype range.
         chunks: output chunk shape (z, y, x); None → ``(2·patch_z, 256, 256)`` capped by the shape.
         autocast_dtype: ``bfloat16``/``float16`` to run the generator under autocast (GPU); None → float32.
         progress: show a progress bar (blocks, Mvox/s) on stderr.
@@ -215,14 +218,14 @@ def translate_volume(
         output_scale: ``input`` (default; the output has the input's voxel grid: each patch is resampled to the
             model's voxel size and back) or ``model`` (the input is read resampled to the model's voxel size and
             the output has that voxel size).
-        model_voxel_size_nm: (z, y, x) nm the generator was trained at; None → ``generator.voxel_size_nm``.
+        model_voxel_size_nm: (z, y, x) nm the generator was trained at; None → the record's ``voxel_size_nm``.
         name: the multiscales name written in the output's metadata.
         complete_ok: a complete output written with the same settings is left as it is (``already_complete``)
             instead of refused.
         compile: ``torch.compile`` the generator for the run (GPU, large volumes: the first batch pays tens of
             seconds of compilation; results equal to float rounding).
 
-    The generator is moved to the trainer's device (and put in eval mode) by Lightning and stays there.
+    The caller's network comes back on its device, in its dtype and train/eval mode.
 
     Returns:
         a :class:`TranslateResult` (on every rank).
@@ -236,21 +239,22 @@ def translate_volume(
     """
     t0 = time.perf_counter()
     out = local_output(output)
-    if dtype not in OUT_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
+    one_of(dtype, OUT_DTYPES, "dtype")
     if not float(sigma) > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    trained = as_trained(generator)
+    generator = trained.network
     if not isinstance(input, Volume):  # an opened Volume already carries its normalisation
-        intensity_range, percentiles = trained_normalization(generator, intensity_range, percentiles)
+        intensity_range, percentiles = trained_normalization(trained, intensity_range, percentiles)
     volume = open_input(input, input_level, intensity_range, percentiles)
-    model_nm = (
-        model_voxel_size_nm if model_voxel_size_nm is not None else getattr(generator, "voxel_size_nm", None)
-    )
+    model_nm = model_voxel_size_nm if model_voxel_size_nm is not None else trained.voxel_size_nm
     net, volume, roi, resampled = _apply_scale(
         generator, volume, roi, model_nm, bool(resample), str(output_scale)
     )
+    if patch is None:
+        patch = trained.training_patch or DEFAULT_PATCH
     patch3 = check_patch(generator, patch)
     overlap3 = None if overlap is None else triple(overlap, "overlap")
     if isinstance(net, RescaledNetwork):  # patch and overlap are the model's voxels; the grid is the input's
@@ -276,7 +280,7 @@ def translate_volume(
         dtype=dtype,
         autocast_dtype=autocast_dtype,
         generator={
-            "widths": list(getattr(generator, "widths", []) or []) or None,
+            "widths": list(trained.widths or []) or None,
             "fingerprint": weights_fingerprint(generator),
         },
         scale=scale,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from exem.checks import check_input_shape
 from exem.inference.translate import TranslateResult, translate_volume
+from exem.trained import TrainedGenerator, as_trained
 
 __all__ = ["D4", "UNCERTAINTY_NAME", "TTAStd", "d4_transforms", "default_uncertainty_path", "reliability_map"]
 
@@ -63,7 +64,7 @@ class TTAStd(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        for name in ("divisor", "widths", "voxel_size_nm", "lm_normalization"):
+        for name in ("divisor", "widths"):
             if hasattr(net, name):
                 setattr(self, name, getattr(net, name))
 
@@ -97,7 +98,12 @@ def default_uncertainty_path(output: str | Path) -> Path:
     return out.with_name(name + UNCERTAINTY_SUFFIX + ".ome.zarr")
 
 
-def reliability_map(generator: nn.Module, input: Any, output: str | Path, **options: Any) -> TranslateResult:  # noqa: A002
+def reliability_map(
+    generator: TrainedGenerator | nn.Module,
+    input: Any,  # noqa: A002 - mirrors translate_volume
+    output: str | Path,
+    **options: Any,
+) -> TranslateResult:
     """Write the reliability map of ``generator`` over a whole volume: :class:`TTAStd` translated blockwise.
 
     Args:
@@ -116,6 +122,6 @@ def reliability_map(generator: nn.Module, input: Any, output: str | Path, **opti
     for key in ("dtype", "name"):
         if key in options:
             raise ValueError(f"reliability_map writes float16 '{UNCERTAINTY_NAME}'; {key} cannot be set")
-    return translate_volume(
-        TTAStd(generator), input, output, dtype="float16", name=UNCERTAINTY_NAME, **options
-    )
+    trained = as_trained(generator)
+    wrapped = trained.with_network(TTAStd(trained.network))
+    return translate_volume(wrapped, input, output, dtype="float16", name=UNCERTAINTY_NAME, **options)

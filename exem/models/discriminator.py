@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from exem.checks import positive_int
+from exem.checks import check_batch, positive_int
 
 __all__ = ["MultiScaleDiscriminator3D", "PatchDiscriminator3D"]
 
@@ -119,14 +119,7 @@ class MultiScaleDiscriminator3D(nn.Module):
             list of ``num_scales`` score maps; entry ``s`` has shape ``(B, 1, Z, Y_s // 16, X_s // 16)`` with
             ``Y_s = Y // 2**s`` (scale 0 = full resolution).
         """
-        if x.dim() != 5:
-            raise ValueError(
-                f"MultiScaleDiscriminator3D expects a (B, C, Z, Y, X) tensor, got {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"MultiScaleDiscriminator3D expects {self.in_channels} channel(s), got {x.shape[1]}"
-            )
+        check_batch(x, self.in_channels, "MultiScaleDiscriminator3D")
         self.check_input_shape(tuple(x.shape))
         outputs: list[Tensor] = []
         for s, disc in enumerate(self.scales):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from exem.checks import check_yx_divisible, positive_int
+from exem.checks import check_batch, check_yx_divisible, positive_int
 
 __all__ = ["AnisotropicUNet3D", "ResidualTripleConv3D", "group_count"]
 
@@ -175,14 +175,7 @@ class AnisotropicUNet3D(nn.Module):
         Returns:
             ``(B, out_channels, Z, Y, X)`` float tensor (linear output, same units as the training targets).
         """
-        if x.dim() != 5:
-            raise ValueError(
-                f"AnisotropicUNet3D expects a (B, C, Z, Y, X) tensor, got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"AnisotropicUNet3D expects {self.in_channels} input channel(s), got {x.shape[1]}"
-            )
+        check_batch(x, self.in_channels, "AnisotropicUNet3D")
         self.check_input_shape(x.shape)
 
         skips: list[Tensor] = []
