@@ -49,8 +49,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_translate.py --size tiny --device cpu > $(BENCH_DIR)/translate.log
 	$(PY) benchmarks/bench_train.py --size tiny --device cpu > $(BENCH_DIR)/train.log
 	$(PY) benchmarks/seams.py --png $(BENCH_DIR)/seams.png > $(BENCH_DIR)/seams.log
+	$(PY) benchmarks/engine_ceiling.py > $(BENCH_DIR)/engine_ceiling.log
 	$(PY) benchmarks/ratios.py $(BENCH_DIR)/translate_overhead.log $(BENCH_DIR)/translate.log $(BENCH_DIR)/train.log \
-		$(BENCH_DIR)/seams.log
+		$(BENCH_DIR)/seams.log $(BENCH_DIR)/engine_ceiling.log
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -2,6 +2,12 @@
 
     python benchmarks/bench_translate.py --size tiny          # CPU, well under a minute on 2 idle cores
     python benchmarks/bench_translate.py --size published     # GPU: 64×1024×1024 uint8, patch 16×256×256
+    python benchmarks/bench_translate.py --size large         # GPU: exem-translate end to end, 128×2048×2048
+
+``--size large`` (and ``tiny_cli``, its CPU-sized check) runs the ``exem-translate`` command in a subprocess on a
+Zarr volume with a published-width generator (random weights: speed only) and reports the command's wall clock, the
+translation's own time and Mvox/s (from its summary line), and the start-up before translation (the difference);
+there is no baseline at that size.
 
 Both start from the same uint8 Zarr volume and the same generator weights, and end with a uint8 volume on disk:
 
@@ -58,6 +64,14 @@ SIZES: dict[str, dict[str, Any]] = {
         "widths": (32, 64, 128, 256, 512),
         "repeats": 2,
     },
+    "large": {
+        "shape": (128, 2048, 2048),
+        "patch": (16, 256, 256),
+        "widths": (32, 64, 128, 256, 512),
+        "repeats": 1,
+        "cli": True,
+    },
+    "tiny_cli": {"shape": (16, 128, 128), "patch": (8, 64, 64), "widths": (4, 8), "repeats": 1, "cli": True},
 }
 UINT8_MAX = 255
 
@@ -71,12 +85,65 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * UINT8_MAX), 0, UINT8_MAX).astype(np.uint8)
 
 
+def cli_end_to_end(args: argparse.Namespace, size: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``exem-translate`` in a subprocess: wall clock, the translation's time (its summary line), start-up."""
+    import re
+    import subprocess
+
+    shape, patch = size["shape"], size["patch"]
+    tmp = Path(tempfile.mkdtemp(prefix="exem-bench-cli-"))
+    try:
+        src = tmp / "in.zarr"
+        arr = zarr.create_array(str(src), shape=shape, chunks=(16, 256, 256), dtype="uint8")
+        for z in range(0, shape[0], 16):  # slab by slab: the large volume is 0.5 GB
+            arr[z : z + 16] = textured_volume((min(16, shape[0] - z), *shape[1:]), np.dtype(np.uint8), seed=z)
+        torch.manual_seed(0)
+        torch.save(AnisotropicUNet3D(widths=size["widths"]).state_dict(), tmp / "G_AB_1.pth")
+        exe = Path(sys.executable).with_name("exem-translate")
+        command = [
+            str(exe), f"checkpoint={tmp / 'G_AB_1.pth'}", f"input={src}", f"output={tmp / 'out.ome.zarr'}",
+            f"patch=[{','.join(map(str, patch))}]", "trainer=gpu" if device.type == "cuda" else "trainer=cpu",
+            "overwrite=true", *args.cli_args,
+        ]  # fmt: skip
+        runs = []
+        for _ in range(args.repeats or size["repeats"]):
+            t0 = time.perf_counter()
+            proc = subprocess.run(command, capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise SystemExit(f"exem-translate failed:\n{proc.stderr[-3000:]}")
+            found = re.search(r"voxels in ([0-9.]+) s \(([0-9.]+) Mvox/s\)", proc.stdout)
+            if found is None:
+                raise SystemExit(f"no summary line in exem-translate's output:\n{proc.stdout[-2000:]}")
+            runs.append((wall, float(found.group(1)), float(found.group(2))))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    wall, seconds, mvox = sorted(runs)[len(runs) // 2]
+    print(
+        f"  exem-translate: wall {wall:.2f} s, translation {seconds:.2f} s ({mvox:.2f} Mvox/s), "
+        f"start-up and exit {wall - seconds:.2f} s; extra arguments {args.cli_args}"
+    )
+    return {
+        "cli_wall_s": round(wall, 3),
+        "cli_translate_s": round(seconds, 3),
+        "cli_mvox_s": mvox,
+        "cli_startup_s": round(wall - seconds, 3),
+        "cli_args": args.cli_args,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument(
+        "--cli-args",
+        nargs="*",
+        default=[],
+        help="more exem-translate arguments (cli sizes), e.g. compile=true",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,6 +159,11 @@ def main() -> None:
     voxels = int(np.prod(shape))
     autocast = "bfloat16" if device.type == "cuda" else None
     print(f"{machine(device)}; volume {shape} uint8, patch {patch}, widths {size['widths']}")
+    if size.get("cli"):
+        figures = cli_end_to_end(args, size, device)
+        result = {"bench": "translate_cli", "device": device.type, "size": args.size, "shape": list(shape)}
+        print(json.dumps({**result, **figures, "machine": machine(device), "torch": torch.__version__}))
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="exem-bench-"))
     try:

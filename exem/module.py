@@ -78,8 +78,8 @@ class ExEMModule(L.LightningModule):
             batch (``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts`` with ``T_0``, ``T_mult``, ``eta_min``).
         grad_clip: maximum gradient norm of each optimizer step (None or 0 = no clipping).
         replay_buffer_size: size of each discriminator's replay pool (0 = off).
-        torch_compile: ``torch.compile`` each of the four networks (True, False or ``"auto"`` = on a CUDA GPU).
-            Same maths; the first steps pay the compilation.
+        torch_compile: ``torch.compile`` each of the four networks (True, False or ``"auto"`` = on a CUDA GPU, the
+            default). Same maths; the first steps pay the compilation; a failure falls back to eager with a warning.
         channels_last: keep weights and batches in ``torch.channels_last_3d`` memory format (True, False or
             ``"auto"`` = on a CUDA GPU). Same maths.
         image_every_n_steps: write an image panel every N batches (0 = never).
@@ -99,7 +99,7 @@ class ExEMModule(L.LightningModule):
         replay_buffer_size: int = 0,
         image_every_n_steps: int = 0,
         image_dir: str | None = None,
-        torch_compile: bool | str = False,
+        torch_compile: bool | str = "auto",
         channels_last: bool | str = False,
         report_dir: str | None = None,
     ) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["AUTO", "PerfSwitches", "frozen", "switch", "switch_on"]
+__all__ = ["AUTO", "PerfSwitches", "compile_or_eager", "frozen", "switch", "switch_on"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,30 @@ def frozen(*nets: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def compile_or_eager(net: nn.Module, backend: str | object = "inductor") -> None:
+    """Compile ``net`` in place (its ``__call__``; state-dict keys unchanged) so that a compilation failure falls
+    back to eager with one warning instead of ending the run.
+
+    Compilation happens at the first call (and again for new input shapes): a failure there
+    (``torch._dynamo`` / inductor raise a ``TorchDynamoException``) logs one warning, un-compiles ``net`` and
+    repeats the call eagerly; later calls run eagerly. Errors of the network itself pass through.
+    """
+    from torch._dynamo.exc import TorchDynamoException
+
+    compiled = torch.compile(net._call_impl, backend=backend)
+
+    def call(*args: object, **kwargs: object) -> object:
+        try:
+            return compiled(*args, **kwargs)
+        except TorchDynamoException as exc:
+            first = " ".join(str(exc).split())[:200]
+            log.warning("torch.compile failed for %s (%s); running it eagerly", type(net).__name__, first)
+            net._compiled_call_impl = None  # nn.Module.__call__ goes back to the eager path
+            return net._call_impl(*args, **kwargs)
+
+    net._compiled_call_impl = call  # what nn.Module.compile sets: __call__ uses it when present
+
+
 class PerfSwitches:
     """A model's ``torch_compile`` and ``channels_last`` switches, and what :meth:`apply` has done to its networks.
 
@@ -53,7 +77,7 @@ class PerfSwitches:
     ``torch_compile``: each network compiled in place (``nn.Module.compile``, so state-dict keys stay as they are).
     """
 
-    def __init__(self, torch_compile: bool | str = False, channels_last: bool | str = False) -> None:
+    def __init__(self, torch_compile: bool | str = AUTO, channels_last: bool | str = False) -> None:
         self.torch_compile = switch("torch_compile", torch_compile)
         self.channels_last = switch("channels_last", channels_last)
         self.channels_last_active = False
@@ -68,7 +92,7 @@ class PerfSwitches:
             self.channels_last_active = True
         if switch_on(self.torch_compile, device) and not self.compiled:
             for net in nets:
-                net.compile()
+                compile_or_eager(net)
             self.compiled = True
         log.debug(
             "performance switches on %s: channels_last_3d=%s, torch.compile=%s",

@@ -260,10 +260,10 @@ def test_nan_block_raises_and_is_not_marked(net, tmp_path) -> None:
 
 
 def test_writer_error_reaches_the_caller(net, raw, tmp_path, monkeypatch) -> None:
-    def broken(self, index, data):
+    def broken(self, index, z0, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr(BlockWriter, "write_block", broken)
+    monkeypatch.setattr(BlockWriter, "write_slab", broken)
     out = tmp_path / "broken.zarr"
     with pytest.raises(OSError, match="disk full"):
         run(net, raw, out, block_shape=(8, 32, 32))
@@ -299,3 +299,74 @@ def test_default_trainer_is_quiet() -> None:
         assert [r.getMessage() for r in records if r.levelno < logging.WARNING] == []
     finally:
         announcer.removeHandler(handler)
+
+
+# --------------------------------------------------------------------------------------------- streaming
+
+
+def _reference_downsample(array: np.ndarray) -> np.ndarray:
+    """The definition: the float64 mean of each 2×2 square (odd edges replicated), rounded half to even for ints."""
+    z, y, x = array.shape
+    a = np.pad(array, ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")
+    a = a.reshape(z, a.shape[1] // 2, 2, a.shape[2] // 2, 2).astype(np.float64).mean(axis=(2, 4))
+    return (np.round(a) if np.issubdtype(array.dtype, np.integer) else a).astype(array.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "int32", "float16", "float32"])
+@pytest.mark.parametrize("shape", [(3, 33, 17), (2, 64, 64), (1, 1, 1), (2, 1, 5)])
+def test_fast_downsample_equals_the_float64_mean(dtype: str, shape) -> None:
+    """The integer path (sum, then round half to even by shifts) is exact; floats agree to rounding."""
+    rng = np.random.default_rng(sum(shape))
+    if np.dtype(dtype).kind in "ui":
+        info = np.iinfo(dtype)
+        a = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+        a.flat[:4] = [info.min, info.max, info.min, info.max][: a.size] if a.size >= 4 else a.flat[:4]
+        np.testing.assert_array_equal(downsample_inplane(a), _reference_downsample(a))
+    else:
+        a = (rng.random(shape) * 4 - 1).astype(dtype)
+        got, ref = downsample_inplane(a), _reference_downsample(a)
+        assert got.dtype == ref.dtype
+        np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), rtol=1e-6, atol=1e-7)
+
+
+def test_chunk_rows_go_to_the_sink_while_the_block_is_computed(net, raw) -> None:
+    """With a sink, each chunk row of a block is handed over as soon as it is final, in order, covering the block
+    once; the rows equal the block's result."""
+    plan = plan_blocks(SHAPE, PATCH, OVERLAP, chunks=(4, 32, 32))
+    predictor = engine.BlockPredictor(net, plan, (0, 255), batch_size=4, out_dtype="uint8")
+    block = plan.blocks[0]
+    ctx = tuple(slice(a, b) for a, b in zip(block.context_start, block.context_stop, strict=True))
+    rows: list[tuple[int, np.ndarray, int]] = []
+    patches_seen: list[int] = []
+    real_add = engine.ZStreamBlender.add
+
+    def counting_add(self, out, start):  # noqa: ANN001, ANN202
+        patches_seen.append(1)
+        return real_add(self, out, start)
+
+    def sink(index: int, z0: int, data, ready) -> None:  # noqa: ANN001
+        assert ready is None  # on the CPU: a view, nothing to wait for
+        rows.append((z0, np.array(data), len(patches_seen)))
+
+    engine.ZStreamBlender.add = counting_add
+    try:
+        result = predictor.predict_block(block, raw_tensor(raw[ctx]), sink=sink).numpy()
+    finally:
+        engine.ZStreamBlender.add = real_add
+    assert [z0 for z0, _, _ in rows] == list(range(0, block.shape[0], 4))
+    np.testing.assert_array_equal(np.concatenate([r for _, r, _ in rows], axis=1), result)
+    assert rows[0][2] < block.num_patches  # the first row left before the last patch was blended
+
+
+def test_keep_freed_memory_is_opt_out(monkeypatch) -> None:
+    import exem.allocator as allocator
+
+    monkeypatch.setattr(allocator, "_done", False)
+    monkeypatch.setenv(allocator.ALLOCATOR_ENV, "0")
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.delenv(allocator.ALLOCATOR_ENV)
+    import sys
+
+    if sys.platform.startswith("linux"):
+        assert allocator.keep_freed_memory() is True
+        assert allocator.keep_freed_memory() is True  # once per process, then a no-op

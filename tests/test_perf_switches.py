@@ -266,3 +266,41 @@ def test_pinned_memory_follows_the_training_device(setting: bool | None, device:
     assert dm._loader_kwargs()["pin_memory"] is False  # no trainer yet
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
     assert dm._loader_kwargs()["pin_memory"] is pinned
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(caplog) -> None:
+    """torch.compile errors (here a backend that always fails) do not end the run: one warning, then eager."""
+    from exem.models import AnisotropicUNet3D
+    from exem.perf import compile_or_eager
+
+    def failing_backend(gm, example_inputs):  # noqa: ANN001, ANN202
+        raise RuntimeError("no compiler here")
+
+    torch.manual_seed(0)
+    net = AnisotropicUNet3D(widths=(2, 4)).eval()
+    x = torch.rand(1, 1, 2, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+        compile_or_eager(net, backend=failing_backend)
+        assert net._compiled_call_impl is not None
+        with caplog.at_level("WARNING", logger="exem.perf"):
+            first, second = net(x), net(x)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    warnings = [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "running it eagerly" in warnings[0].getMessage()
+    assert net._compiled_call_impl is None  # eager from then on
+
+
+def test_compile_is_on_by_default_on_cuda_only() -> None:
+    """model.torch_compile defaults to auto (YAML and code): on for a CUDA device, off on the CPU."""
+    from exem.perf import PerfSwitches, switch_on
+
+    switches = PerfSwitches()
+    assert switches.torch_compile == "auto" and switches.channels_last is False
+    assert switch_on(switches.torch_compile, torch.device("cuda")) is True
+    assert switch_on(switches.torch_compile, torch.device("cpu")) is False
+    from omegaconf import OmegaConf
+
+    from exem.config import CONF_DIR
+
+    assert OmegaConf.load(f"{CONF_DIR}/model/exem.yaml").torch_compile == "auto"

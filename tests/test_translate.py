@@ -417,3 +417,17 @@ def test_module_state_kept_restores_dtype_buffers_and_modes() -> None:
     assert weight.dtype == torch.float32 and next(net.parameters()) is weight
     assert net.gain.dtype == torch.float32
     assert net.training and not net.blocks_eval.training
+
+
+def test_compile_auto_means_large_volumes_on_a_gpu() -> None:
+    import lightning as L
+
+    from exem.inference.translate import COMPILE_AUTO_VOXELS, compile_wanted
+
+    cpu = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    assert compile_wanted(True, 10, cpu) is True and compile_wanted(False, 2**40, None) is False
+    assert compile_wanted("auto", 2**40, cpu) is False  # never on the CPU
+    assert compile_wanted("auto", COMPILE_AUTO_VOXELS, None) is torch.cuda.is_available()
+    assert compile_wanted("auto", COMPILE_AUTO_VOXELS - 1, None) is False
+    with pytest.raises(ValueError, match="compile \\(true, false or auto\\) must be one of auto, got 'yes'"):
+        compile_wanted("yes", 10, None)

@@ -105,14 +105,35 @@ def write_ome_zarr(
 
 
 def downsample_inplane(array: np.ndarray) -> np.ndarray:
-    """2x mean downsampling in Y and X of a ``(Z, Y, X)`` array (odd edges are padded by edge replication)."""
+    """2× mean downsampling in Y and X of a ``(Z, Y, X)`` array (odd edges padded by edge replication).
+
+    Integers: the mean of each 2×2 square rounded half to even (``np.round``), computed exactly in integers (the
+    sum in a wider type, then quotient and remainder by 4); floats: ``(a + b + c + d) · 0.25`` in the array's
+    precision (float64 for float16 input). Output dtype = input dtype; ``(Z, ⌈Y/2⌉, ⌈X/2⌉)``.
+    """
     z, y, x = array.shape
-    pad = ((0, 0), (0, y % 2), (0, x % 2))
-    a = np.pad(array, pad, mode="edge") if (y % 2 or x % 2) else array
-    a = a.reshape(z, a.shape[1] // 2, 2, a.shape[2] // 2, 2).astype(np.float64).mean(axis=(2, 4))
+    if y % 2 or x % 2:
+        array = np.pad(array, ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")
+    corners = (array[:, 0::2, 0::2], array[:, 0::2, 1::2], array[:, 1::2, 0::2], array[:, 1::2, 1::2])
     if np.issubdtype(array.dtype, np.integer):
-        a = np.round(a)
-    return a.astype(array.dtype)
+        wide = {1: np.int16, 2: np.int32}.get(array.dtype.itemsize, np.int64)
+        total = corners[0].astype(wide)
+        for c in corners[1:]:
+            total += c
+        # round half to even of total / 4: with total = 4q + r, (total + 1 + (q & 1)) >> 2 is q for r < 2, q + 1 for
+        # r = 3, and for r = 2 the even one of q, q + 1 (floor shifts: also right for negative totals)
+        odd = total >> 2
+        odd &= 1
+        total += odd
+        total += 1
+        total >>= 2
+        return total.astype(array.dtype)
+    work = np.float64 if array.dtype == np.float64 or array.dtype.itemsize < 4 else array.dtype
+    total = corners[0].astype(work)
+    for c in corners[1:]:
+        total += c
+    total *= 0.25
+    return total.astype(array.dtype)
 
 
 def read_multiscales(group: zarr.Group) -> dict | None:

@@ -75,15 +75,32 @@ class BlendAccumulator:
     The accumulators are float32: ``acc`` is ``(C, Z, Y, X)`` (allocated at the first :meth:`add`, when the
     number of channels C is known), ``weight`` is ``(Z, Y, X)``. Per voxel the sums run in the order of the
     :meth:`add` calls, so the same patches added in the same order give bit-identical results.
+
+    ``acc``, ``weight`` (zeroed, of those shapes) and ``scratch`` (``(C, pz, py, px)`` float32, for the weighted
+    patch) may be given to reuse memory: fresh large tensors cost page faults on the CPU.
     """
 
-    def __init__(self, box_start: Sequence[int], box_shape: Sequence[int], window: Tensor) -> None:
+    def __init__(
+        self,
+        box_start: Sequence[int],
+        box_shape: Sequence[int],
+        window: Tensor,
+        *,
+        acc: Tensor | None = None,
+        weight: Tensor | None = None,
+        scratch: Tensor | None = None,
+    ) -> None:
         self.box_start = tuple(int(v) for v in box_start)
         self.box_shape = tuple(int(v) for v in box_shape)
         self.window = window
         self.patch = tuple(int(v) for v in window.shape)
-        self.acc: Tensor | None = None
-        self.weight = torch.zeros(self.box_shape, dtype=torch.float32, device=window.device)
+        self.acc: Tensor | None = acc
+        self.weight = (
+            weight
+            if weight is not None
+            else torch.zeros(self.box_shape, dtype=torch.float32, device=window.device)
+        )
+        self.scratch = scratch
 
     def add(self, out: Tensor, start: Sequence[int]) -> None:
         """Add one patch prediction.
@@ -107,7 +124,12 @@ class BlendAccumulator:
                 (out.shape[0], *self.box_shape), dtype=torch.float32, device=self.weight.device
             )
         w = self.window[src]
-        self.acc[(slice(None), *dst)] += out[(slice(None), *src)].float() * w
+        piece = out[(slice(None), *src)].float()
+        if self.scratch is not None and self.scratch.shape[0] == piece.shape[0]:
+            weighted = torch.mul(piece, w, out=self.scratch[(slice(None), *(slice(0, n) for n in w.shape))])
+        else:
+            weighted = piece * w
+        self.acc[(slice(None), *dst)] += weighted
         self.weight[dst] += w
 
     def result(self) -> Tensor:
@@ -118,7 +140,7 @@ class BlendAccumulator:
         """
         if self.acc is None:
             raise RuntimeError("BlendAccumulator.result: no patch was added")
-        if not bool((self.weight > 0).all()):
+        if not bool(self.weight.amin() > 0):
             raise RuntimeError("BlendAccumulator.result: some voxels of the box are covered by no patch")
         return self.acc.div_(self.weight)
 
@@ -139,17 +161,27 @@ class ZStreamBlender:
 
     :meth:`add` and :meth:`finish` return the finalised slabs as ``(z0, values)``: ``z0`` relative to the
     box, ``values`` a ``(C, dz, Y, X)`` float32 tensor. Slabs come in order and cover the box exactly once.
+
+    The sums live in two buffers of one patch depth, used in turn (allocated once: no fresh memory per patch row).
+    With ``reuse=True`` a slab is divided in place and is a view that stays valid only until the next
+    :meth:`add` / :meth:`finish` (consume it at once, as the engine does); by default it is a new tensor.
     """
 
-    def __init__(self, box_start: Sequence[int], box_shape: Sequence[int], window: Tensor) -> None:
+    def __init__(
+        self, box_start: Sequence[int], box_shape: Sequence[int], window: Tensor, *, reuse: bool = False
+    ) -> None:
         self.box_start = tuple(int(v) for v in box_start)
         self.box_shape = tuple(int(v) for v in box_shape)
         self.window = window
         self.depth = int(window.shape[0])
+        self.reuse = bool(reuse)
         self._row: int | None = None  # Z start of the current patch row
         self._acc: BlendAccumulator | None = None  # sums of box slices [_lo, _hi) (global Z)
         self._lo = self._hi = self.box_start[0]
         self._next = self.box_start[0]  # first box slice (global Z) not handed back yet
+        self._buffers: list[tuple[Tensor, Tensor]] = []  # (acc, weight) pairs of one patch depth
+        self._turn = 0
+        self._scratch: Tensor | None = None
 
     @property
     def _z_end(self) -> int:
@@ -167,8 +199,27 @@ class ZStreamBlender:
             done = self._release(min(z, self._z_end))
             self._move(z)
         if self._acc is not None:
+            if self._acc.acc is None:  # the first patch: the channel count is known now
+                self._allocate(int(out.shape[0]))
+                self._acc.acc, self._acc.scratch = (
+                    self._buffers[self._turn][0][:, : self._hi - self._lo],
+                    self._scratch,
+                )
             self._acc.add(out, start)
         return done
+
+    def _allocate(self, channels: int) -> None:
+        device = self.window.device
+        plane = self.box_shape[1:]
+        self._buffers = [
+            (
+                torch.zeros((channels, self.depth, *plane), dtype=torch.float32, device=device),
+                torch.zeros((self.depth, *plane), dtype=torch.float32, device=device),
+            )
+            for _ in range(2)
+        ]
+        self._acc.weight = self._buffers[self._turn][1][: self._hi - self._lo].copy_(self._acc.weight)  # type: ignore[union-attr]
+        self._scratch = torch.empty((channels, *self.window.shape), dtype=torch.float32, device=device)
 
     def finish(self) -> list[tuple[int, Tensor]]:
         """The remaining slabs, down to the end of the box (call once, after the last :meth:`add`)."""
@@ -182,15 +233,26 @@ class ZStreamBlender:
         if hi <= lo:  # this row does not reach into the box
             self._acc, self._lo, self._hi = None, lo, lo
             return
-        acc = BlendAccumulator((lo, *self.box_start[1:]), (hi - lo, *self.box_shape[1:]), self.window)
+        box = ((lo, *self.box_start[1:]), (hi - lo, *self.box_shape[1:]))
+        if not self._buffers:  # before the first patch (channels unknown): small fresh sums, as a plain box
+            acc = BlendAccumulator(*box, self.window)
+        else:
+            self._turn ^= 1
+            acc_buf, weight_buf = (
+                b[:, : hi - lo] if b.dim() == 4 else b[: hi - lo] for b in self._buffers[self._turn]
+            )
+            acc = BlendAccumulator(
+                *box, self.window, acc=acc_buf.zero_(), weight=weight_buf.zero_(), scratch=self._scratch
+            )
         keep = old_hi - max(lo, old_lo)
         if old is not None and keep > 0:
             off = max(lo, old_lo) - old_lo
             acc.weight[:keep] = old.weight[off : off + keep]
             if old.acc is not None:
-                acc.acc = torch.zeros(
-                    (old.acc.shape[0], *acc.box_shape), dtype=torch.float32, device=acc.weight.device
-                )
+                if acc.acc is None:
+                    acc.acc = torch.zeros(
+                        (old.acc.shape[0], *acc.box_shape), dtype=torch.float32, device=acc.weight.device
+                    )
                 acc.acc[:, :keep] = old.acc[:, off : off + keep]
         self._acc, self._lo, self._hi = acc, lo, hi
 
@@ -205,9 +267,9 @@ class ZStreamBlender:
             )
         a, b = self._next - self._lo, until - self._lo
         weight = self._acc.weight[a:b]
-        if not bool((weight > 0).all()):
+        if not bool(weight.amin() > 0):
             raise RuntimeError("ZStreamBlender: some voxels of the box are covered by no patch")
-        values = self._acc.acc[:, a:b] / weight
+        values = self._acc.acc[:, a:b].div_(weight) if self.reuse else self._acc.acc[:, a:b] / weight
         z0 = self._next - self.box_start[0]
         self._next = until
         return [(z0, values)]

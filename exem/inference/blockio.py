@@ -50,8 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_NUM_WORKERS = 2
-# Blocks waiting to be written (each holds a whole block on the host).
-WRITE_QUEUE_SIZE = 2
+# Items waiting to be written: whole blocks, or the chunk rows of a streamed block (each held on the host).
+WRITE_QUEUE_SIZE = 4
 DONE_DIR = ".exem_done"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,10 +332,23 @@ class BlockWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        index, data = prediction
+        # a block streamed slab by slab (put_slab) is complete now; else it comes whole
+        self._put(("done", int(index)) if data is None else ("block", int(index), np.asarray(data)))
+
+    def put_slab(self, index: int, z0: int, data: Any, ready: Any = None) -> None:
+        """Queue rows ``[z0, z0 + dz)`` (relative to block ``index``'s start) of the block's output for writing.
+
+        ``data``: ``(C, dz, by, bx)`` on the host (numpy, or a CPU tensor); ``ready``: an event to wait for before
+        reading it (a non-blocking device → host copy), or None. ``z0`` and the slab's end lie on chunk borders
+        in Z (or the block's end), so every chunk is written whole, once. The block's done-markers follow only
+        once the predictor has returned the block (``write_on_batch_end``), after all its slabs.
+        """
+        self._put(("slab", int(index), int(z0), data, ready))
+
+    def _put(self, item: tuple) -> None:
         self._raise_if_failed()
         assert self._queue is not None, "BlockWriter: on_predict_start was not called"
-        index, data = prediction
-        item = (int(index), np.asarray(data))
         while True:
             try:
                 self._queue.put(item, timeout=0.5)
@@ -358,7 +371,16 @@ class BlockWriter(BasePredictionWriter):
             if self._error is not None:
                 continue  # keep draining so the producer never blocks on a dead consumer
             try:
-                self.write_block(*item)
+                kind, index, *rest = item
+                if kind == "slab":
+                    z0, data, ready = rest
+                    if ready is not None:
+                        ready.synchronize()
+                    self.write_slab(index, z0, np.asarray(data))
+                elif kind == "done":
+                    self.finish_block(index)
+                else:
+                    self.write_block(index, rest[0])
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self._error = e
 
@@ -380,13 +402,20 @@ class BlockWriter(BasePredictionWriter):
 
     # one block -------------------------------------------------------------------------------------------
     def write_block(self, index: int, data: np.ndarray) -> None:
-        """Write block ``index`` (``(C, bz, by, bx)`` data) to every level, each followed by its marker."""
+        """Write block ``index`` (``(C, bz, by, bx)`` data) to every level, then its markers."""
+        self.write_slab(index, 0, data)
+        self.finish_block(index)
+
+    def write_slab(self, index: int, z0: int, data: np.ndarray) -> None:
+        """Write rows ``[z0, z0 + dz)`` of block ``index`` (``(C, dz, by, bx)`` or ``(dz, by, bx)`` data) to every
+        level (level l: the 2× in-plane mean of level l−1, :func:`downsample_block`)."""
         block = self.plan.blocks[index]
         if data.ndim == 3:
             data = data[None]
-        if tuple(data.shape[1:]) != block.shape:
+        z0 = int(z0)
+        if tuple(data.shape[2:]) != block.shape[1:] or not 0 <= z0 < z0 + data.shape[1] <= block.shape[0]:
             raise ValueError(
-                f"block {block.id}: data of shape {data.shape} for a block of {fmt_voxels(block.shape)}"
+                f"block {block.id}: data of shape {data.shape} at z {z0} for a block of {fmt_voxels(block.shape)}"
             )
         level_data = data
         for lvl, arr in enumerate(self._arrays):
@@ -394,7 +423,7 @@ class BlockWriter(BasePredictionWriter):
                 level_data = downsample_block(level_data)
             f = 2**lvl
             sl = (
-                slice(block.start[0], block.stop[0]),
+                slice(block.start[0] + z0, block.start[0] + z0 + level_data.shape[1]),
                 slice(block.start[1] // f, block.start[1] // f + level_data.shape[2]),
                 slice(block.start[2] // f, block.start[2] // f + level_data.shape[3]),
             )
@@ -406,6 +435,11 @@ class BlockWriter(BasePredictionWriter):
                 arr[sl] = level_data[0]
             else:
                 arr[(slice(None), *sl)] = level_data
+
+    def finish_block(self, index: int) -> None:
+        """Create block ``index``'s done-markers (every level; its data were written before) and count it."""
+        block = self.plan.blocks[index]
+        for lvl in range(self.levels):
             touch_atomic(_marker(self.output, lvl, block))
         self.written += 1
         self._voxels += block.voxels

@@ -36,12 +36,14 @@ import torch
 import zarr
 from torch import Tensor, nn
 
+from exem.allocator import keep_freed_memory
 from exem.checks import fmt_voxels, one_of
 from exem.data.grid import AXIS_NAMES
 from exem.data.volume import Volume
 from exem.inference.blend import ZStreamBlender, gaussian_window
 from exem.inference.blockio import DEFAULT_NUM_WORKERS, BlockDataModule, BlockWriter, done_blocks
 from exem.inference.plan import CPU_BLOCK_VOXELS, DEFAULT_BLOCK_VOXELS, Block, BlockPlan
+from exem.perf import compile_or_eager
 from exem.quiet import lightning_announcements_muted, lightning_noise_silenced
 
 __all__ = [
@@ -141,11 +143,13 @@ class BlockPredictor(L.LightningModule):
         self._windows: dict[torch.device, Tensor] = {}
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.compile_net = bool(compile)
+        # where finished chunk rows go while a block is computed (BlockWriter.put_slab); None: whole blocks
+        self.sink: Callable[[int, int, Any, Any], None] | None = None
 
     def configure_model(self) -> None:
         """Lightning hook (once per run, on every rank): compile the network when asked (idempotent)."""
         if self.compile_net and not getattr(self.net, "_compiled_call_impl", None):
-            self.net.compile()
+            compile_or_eager(self.net)
 
     def forward(self, x: Tensor) -> Tensor:
         """The network: ``(B, 1, Z, Y, X)`` in [0, 1] → ``(B, C, Z, Y, X)``."""
@@ -159,26 +163,37 @@ class BlockPredictor(L.LightningModule):
             )
         return self._windows[device]
 
-    def normalize(self, raw: Tensor) -> Tensor:
+    def normalize(self, raw: Tensor, out: Tensor | None = None) -> Tensor:
         """Raw voxels → float32 in [0, 1], bit-identical to :func:`exem.data.volume.normalize`.
 
         ``(x − f32(lo)) · f32(1 / (hi − lo))`` in float32, clipped to [0, 1]; int16/int32 views of
-        uint16/uint32 data (``raw_dtype``) are read back as unsigned first.
+        uint16/uint32 data (``raw_dtype``) are read back as unsigned first. ``out``: a float32 tensor of
+        ``raw``'s shape to write into (no fresh memory); else a new one.
         """
         if self._unsigned_mask and raw.dtype in (torch.int16, torch.int32):
             raw = raw.to(torch.int64).bitwise_and_(self._unsigned_mask)
-        return raw.to(torch.float32, copy=True).sub_(self._lo).mul_(self._scale).clamp_(0.0, 1.0)
+        out = raw.to(torch.float32, copy=True) if out is None else out.copy_(raw)
+        return out.sub_(self._lo).mul_(self._scale).clamp_(0.0, 1.0)
 
-    def predict_block(self, block: Block, raw: Tensor) -> Tensor:
+    @torch.no_grad()
+    def predict_block(
+        self, block: Block, raw: Tensor, sink: Callable[[int, int, Any, Any], None] | None = None
+    ) -> Tensor:
         """The blended, cast prediction of one block.
 
-        Patches run through the network in batches, in the global grid's order; the Gaussian blend is streamed
-        along Z (:class:`~exem.inference.blend.ZStreamBlender`), so the float32 sums exist for one patch depth
-        of Z slices at a time, and each finished slab is checked and cast straight into the output.
+        Patches run through the network in batches of ``batch_size``, in the global grid's order. Each patch row's
+        Z slab of the context is normalised once, and the patches are cut from it into one reused batch buffer;
+        the Gaussian blend is streamed along Z (:class:`~exem.inference.blend.ZStreamBlender`, its two buffers of
+        one patch depth reused), and each finished slab is checked and cast straight into the output. Apart from
+        the output, the memory is allocated once per block (fresh large tensors cost page faults on the CPU).
 
         Args:
             block: a block of :attr:`plan`.
             raw: the block's raw context ``(cz, cy, cx)`` (any device; moved to this module's device).
+            sink: called with ``(block index, z0, rows, ready)`` for each chunk row of the output (Z rows
+                ``[z0, z0 + chunk_z)`` relative to the block, the last one shorter) as soon as it is final, while
+                the rest of the block is computed: ``rows`` is ``(C, dz, by, bx)`` on the host (a view on the CPU; a
+                pinned copy on a GPU, with ``ready`` the CUDA event to wait for before reading it; else None).
 
         Returns:
             ``(C, bz, by, bx)`` tensor of ``out_dtype`` on the device.
@@ -190,18 +205,26 @@ class BlockPredictor(L.LightningModule):
         raw = raw.to(device, non_blocking=True)
         c0 = block.context_start
         pz, py, px = block.patch
-        blender = ZStreamBlender(block.start, block.shape, self.window(device))
+        blender = ZStreamBlender(block.start, block.shape, self.window(device), reuse=True)
         result: Tensor | None = None
+        chunk_z = self.plan.chunks[0] if self.plan.chunks is not None else block.shape[0]
+        shipped = 0  # output rows handed to the sink
 
         def emit(slabs: list[tuple[int, Tensor]]) -> None:
-            nonlocal result
+            nonlocal result, shipped
             for z0, values in slabs:
-                if not bool(torch.isfinite(values).all()):
+                low, high = torch.aminmax(values)  # NaN propagates to both; ±Inf shows in one of them
+                if not bool(torch.isfinite(low) & torch.isfinite(high)):
                     self._non_finite(block)
                 if result is None:
                     out_dtype = getattr(torch, self.out_dtype)
                     result = torch.empty((values.shape[0], *block.shape), dtype=out_dtype, device=device)
-                result[:, z0 : z0 + values.shape[1]] = self.cast(values)
+                done = z0 + values.shape[1]
+                result[:, z0:done].copy_(self.cast(values))
+                while sink is not None and (shipped + chunk_z <= done or done == block.shape[0] > shipped):
+                    end = min(shipped + chunk_z, block.shape[0])
+                    sink(block.index, shipped, *_to_host(result[:, shipped:end]))
+                    shipped = end
 
         starts = list(block.patches())
         autocast = torch.autocast(
@@ -209,25 +232,21 @@ class BlockPredictor(L.LightningModule):
             dtype=self.autocast_dtype or torch.bfloat16,
             enabled=self.autocast_dtype is not None,
         )
+        row = torch.empty((pz, raw.shape[1], raw.shape[2]), dtype=torch.float32, device=device)
+        batch = torch.empty((self.batch_size, pz, py, px), dtype=torch.float32, device=device)
+        row_z: int | None = None
         for i in range(0, len(starts), self.batch_size):
             chunk = starts[i : i + self.batch_size]
-            x = torch.stack(
-                [
-                    raw[
-                        sz - c0[0] : sz - c0[0] + pz,
-                        sy - c0[1] : sy - c0[1] + py,
-                        sx - c0[2] : sx - c0[2] + px,
-                    ]
-                    for sz, sy, sx in chunk
-                ]
-            )
-            if len(chunk) < self.batch_size:
-                # Always call the network with the same batch size (repeat the last patch): a patch's output
-                # then does not depend on which other patches share its batch, i.e. on the block split.
-                x = torch.cat([x, x[-1:].expand(self.batch_size - len(chunk), *x.shape[1:])])
-            x = self.normalize(x).unsqueeze(1)
+            for j, (sz, sy, sx) in enumerate(chunk):
+                if sz != row_z:  # a new patch row: normalise its Z slab of the context once
+                    self.normalize(raw[sz - c0[0] : sz - c0[0] + pz], out=row)
+                    row_z = sz
+                batch[j].copy_(row[:, sy - c0[1] : sy - c0[1] + py, sx - c0[2] : sx - c0[2] + px])
+            # Always call the network with the same batch size (repeat the last patch): a patch's output then does
+            # not depend on which other patches share its batch, i.e. on the block split.
+            batch[len(chunk) :] = batch[len(chunk) - 1]
             with autocast:
-                out = self.net(x)
+                out = self.net(batch.unsqueeze(1))
             for j, start in enumerate(chunk):
                 emit(blender.add(out[j], start))
         emit(blender.finish())
@@ -245,19 +264,21 @@ class BlockPredictor(L.LightningModule):
         )
 
     def cast(self, out: Tensor) -> Tensor:
-        """Cast blended float32 values on their device: uint8 ``clip(round(255·x), 0, 255)``, else as is."""
+        """Prepare blended float32 values for ``out_dtype`` on their device, in place: uint8
+        ``clip(round(255·x), 0, 255)`` (still float: copying it into a uint8 tensor is exact); else as is."""
         if self.out_dtype == "uint8":
-            return out.mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
-        if self.out_dtype == "float16":
-            return out.to(torch.float16)
+            return out.mul_(255.0).round_().clamp_(0.0, 255.0)
         return out
 
     def predict_step(
         self, batch: tuple[int, Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> tuple[int, Any]:
+        """``(block index, (C, bz, by, bx) numpy array)``; with a :attr:`sink` the rows went there chunk row by
+        chunk row while the block was computed, and the array is None (the block is complete)."""
         index, raw = batch
         block = self.plan.blocks[int(index)]
-        return int(index), self.predict_block(block, raw).cpu().numpy()
+        result = self.predict_block(block, raw, sink=self.sink)
+        return int(index), None if self.sink is not None else result.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,6 +354,18 @@ def module_state_kept(net: nn.Module) -> Iterator[None]:
                 setattr(m, name, b.to(device=device, dtype=dtype))
         for m, training in modes:
             m.training = training
+
+
+def _to_host(rows: Tensor) -> tuple[Tensor, Any]:
+    """``rows`` on the host: itself on the CPU; on a GPU a non-blocking copy into pinned memory and the event
+    that marks its end (the writer thread waits for it, the device goes on computing)."""
+    if rows.device.type != "cuda":
+        return rows, None
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(rows.device))
+    return host, ready
 
 
 def on_cpu(trainer: L.Trainer | None) -> bool:
@@ -422,6 +455,8 @@ def run_blockwise(
     """
     root = local_root(output)
     one_of(out_dtype, OUT_DTYPES, "dtype")
+    if on_cpu(trainer):
+        keep_freed_memory()  # large tensors reuse the heap instead of fresh pages (exem/allocator.py)
     levels = int(plan.levels)
     log.info(
         "%s: %d block(s) of ≤ %s voxels, %d patches of %s (%.1f%% extra work at block borders)",
@@ -449,6 +484,7 @@ def run_blockwise(
         volume, plan, root, levels=levels, out_dtype=out_dtype, num_workers=workers, prepare=prepare
     )
     writer = BlockWriter(root, plan, levels, progress=progress)
+    predictor.sink = writer.put_slab  # chunk rows are written while the rest of their block is computed
     trainer = trainer if trainer is not None else default_trainer()
     t0 = time.perf_counter()
     trainer.callbacks.append(writer)
