@@ -370,3 +370,25 @@ def test_keep_freed_memory_is_opt_out(monkeypatch) -> None:
     if sys.platform.startswith("linux"):
         assert allocator.keep_freed_memory() is True
         assert allocator.keep_freed_memory() is True  # once per process, then a no-op
+
+
+def test_automatic_batch_size() -> None:
+    """The batch fills half the device memory, in powers of two, 1 ≤ batch ≤ 64; the CPU keeps 8."""
+    from exem.inference.engine import DEFAULT_BATCH_SIZE, batch_for_memory, probe_batch_size
+
+    gib = 2**30
+    assert batch_for_memory(per_patch_bytes=1 * gib, device_bytes=80 * gib) == 32  # 40 patches fit → 32
+    assert batch_for_memory(per_patch_bytes=gib // 8, device_bytes=140 * gib) == 64  # capped
+    assert batch_for_memory(per_patch_bytes=100 * gib, device_bytes=16 * gib) == 1  # never 0
+    assert probe_batch_size(nn.Identity(), (4, 8, 8), torch.device("cpu"), None) == DEFAULT_BATCH_SIZE
+
+
+def test_a_batch_size_of_none_is_resolved_once_per_run(net, raw) -> None:
+    plan = plan_blocks(SHAPE, PATCH, OVERLAP, block_shape=(8, 32, 32), chunks=(4, 16, 16))
+    auto = engine.BlockPredictor(net, plan, (0, 255), batch_size=None, out_dtype="float32")
+    fixed = engine.BlockPredictor(net, plan, (0, 255), batch_size=8, out_dtype="float32")
+    block = plan.blocks[0]
+    ctx = tuple(slice(a, b) for a, b in zip(block.context_start, block.context_stop, strict=True))
+    got = auto.predict_block(block, raw_tensor(raw[ctx]))
+    assert auto.batch_size == 8
+    assert torch.equal(got, fixed.predict_block(block, raw_tensor(raw[ctx])))

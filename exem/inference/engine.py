@@ -62,6 +62,51 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OUT_DTYPES = ("uint8", "float16", "float32")
+# Patches per network call when none is given: on the CPU; on a GPU, :func:`batch_for_memory` decides.
+DEFAULT_BATCH_SIZE = 8
+# The largest automatic batch, and the share of the device's memory the network's activations may take.
+MAX_AUTO_BATCH = 64
+AUTO_BATCH_MEMORY_FRACTION = 0.5
+
+
+def batch_for_memory(
+    per_patch_bytes: int, device_bytes: int, fraction: float = AUTO_BATCH_MEMORY_FRACTION
+) -> int:
+    """The automatic batch size: the largest power of two ≤ :data:`MAX_AUTO_BATCH` whose activations
+    (``per_patch_bytes`` each) fit in ``fraction`` of ``device_bytes``; at least 1."""
+    room = int(fraction * device_bytes) // max(int(per_patch_bytes), 1)
+    batch = 1
+    while batch * 2 <= min(room, MAX_AUTO_BATCH):
+        batch *= 2
+    return batch
+
+
+def probe_batch_size(net: nn.Module, patch: Sequence[int], device: torch.device, autocast_dtype: Any) -> int:
+    """Patches per call for ``net`` on ``device``: :data:`DEFAULT_BATCH_SIZE` on the CPU; on a CUDA device, one
+    patch is run to measure its peak memory and :func:`batch_for_memory` sizes the batch against the device's
+    *total* memory (the same on every rank of identical GPUs, so a DDP run keeps one batch size)."""
+    if device.type != "cuda":
+        return DEFAULT_BATCH_SIZE
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    x = torch.zeros((1, 1, *patch), device=device)
+    enabled = autocast_dtype is not None
+    with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+        net.forward(x)  # eager even when compiled: the run compiles for its own batch shape only
+    torch.cuda.synchronize(device)
+    per_patch = torch.cuda.max_memory_allocated(device) - before
+    total = torch.cuda.get_device_properties(device).total_memory
+    batch = batch_for_memory(per_patch, total)
+    log.info(
+        "batch size %d (one patch took %.2f GiB of %.0f GiB on %s)",
+        batch,
+        per_patch / 2**30,
+        total / 2**30,
+        device,
+    )
+    return batch
+
 
 # ----------------------------------------------------------------------------------------------------------
 # compute
@@ -90,7 +135,7 @@ class BlockPredictor(L.LightningModule):
         plan: the block plan (its global grid gives the patches and their order).
         intensity_range: raw (lo, hi) mapped to [0, 1], exactly as :func:`exem.data.volume.normalize`.
         sigma, floor: Gaussian window (:func:`~exem.inference.blend.gaussian_window`).
-        batch_size: patches per network call.
+        batch_size: patches per network call; None: :func:`probe_batch_size` on the device at the first block.
         out_dtype: ``uint8`` (``clip(round(255·x), 0, 255)``), ``float16`` or ``float32`` (unclipped).
         autocast_dtype: run the network under ``torch.autocast`` with this dtype (``bfloat16``/``float16``);
             None: float32. Blending is always float32.
@@ -111,7 +156,7 @@ class BlockPredictor(L.LightningModule):
         intensity_range: Sequence[float],
         *,
         sigma: float = 0.5,
-        batch_size: int = 8,
+        batch_size: int | None = DEFAULT_BATCH_SIZE,
         out_dtype: str = "uint8",
         autocast_dtype: str | torch.dtype | None = None,
         floor: float = 1e-4,
@@ -120,7 +165,7 @@ class BlockPredictor(L.LightningModule):
     ) -> None:
         super().__init__()
         one_of(out_dtype, OUT_DTYPES, "dtype")
-        if int(batch_size) < 1:
+        if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         lo, hi = (float(v) for v in intensity_range)
         if not hi > lo:
@@ -132,7 +177,8 @@ class BlockPredictor(L.LightningModule):
         self._scale = float(np.float32(1.0 / (hi - lo)))
         self.sigma = float(sigma)
         self.floor = float(floor)
-        self.batch_size = int(batch_size)
+        # None: chosen on the device at the first block (probe_batch_size), then fixed for the run
+        self.batch_size: int | None = None if batch_size is None else int(batch_size)
         self.out_dtype = out_dtype
         self.autocast_dtype = _torch_dtype(autocast_dtype)
         dt = None if raw_dtype is None else np.dtype(raw_dtype)
@@ -233,6 +279,8 @@ class BlockPredictor(L.LightningModule):
             enabled=self.autocast_dtype is not None,
         )
         row = torch.empty((pz, raw.shape[1], raw.shape[2]), dtype=torch.float32, device=device)
+        if self.batch_size is None:
+            self.batch_size = probe_batch_size(self.net, block.patch, device, self.autocast_dtype)
         batch = torch.empty((self.batch_size, pz, py, px), dtype=torch.float32, device=device)
         row_z: int | None = None
         for i in range(0, len(starts), self.batch_size):
@@ -414,7 +462,7 @@ def run_blockwise(
     output: str | Path | zarr.Group,
     *,
     sigma: float = 0.5,
-    batch_size: int = 8,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     out_dtype: str = "float32",
     num_workers: int | None = None,
     trainer: L.Trainer | None = None,
@@ -437,7 +485,7 @@ def run_blockwise(
             of ``out_dtype``, chunks aligned with the plan's blocks. With ``prepare``, the group is created by
             ``prepare()`` (run on global rank 0 only, inside the Lightning run); otherwise it must exist.
         sigma, floor: the Gaussian blending window.
-        batch_size: patches per network call.
+        batch_size: patches per network call (None: :func:`probe_batch_size`).
         out_dtype: ``uint8`` | ``float16`` | ``float32`` (must match the arrays).
         num_workers: DataLoader reader processes (0: read in the main process); None → :func:`default_num_workers`.
         trainer: a Lightning Trainer (e.g. ``strategy="ddp"``); None → :func:`default_trainer`.

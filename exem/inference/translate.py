@@ -177,7 +177,7 @@ def translate_volume(
     patch: Sequence[int] | None = None,
     overlap: Sequence[int] | None = None,
     sigma: float = 0.5,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     dtype: str = "uint8",
     roi: Sequence[int] | None = None,
     overwrite: bool = False,
@@ -214,7 +214,8 @@ def translate_volume(
         overlap: (z, y, x) overlap of neighbouring patches, in the same voxels as ``patch``; None → 25 % of the
             patch (even, 0 for size 1).
         sigma: Gaussian blending window width on [−1, 1]³ (published 0.5).
-        batch_size: patches per network call.
+        batch_size: patches per network call; None: 8 on the CPU, on a GPU as many (a power of two ≤ 64) as half
+            of the device's memory holds (:func:`~exem.inference.engine.probe_batch_size`).
         dtype: ``uint8`` (``clip(round(255·x), 0, 255)``), ``float16`` or ``float32`` (unclipped).
         roi: (z0, z1, y0, y1, x0, x1) voxels of the input level; None → the whole volume.
         overwrite: delete an existing output first.
@@ -259,7 +260,7 @@ def translate_volume(
     one_of(dtype, OUT_DTYPES, "dtype")
     if not float(sigma) > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    if int(batch_size) < 1:
+    if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     trained = as_trained(generator)
     generator = trained.network
