@@ -255,15 +255,17 @@ def downsample_block(data: np.ndarray) -> np.ndarray:
 
 
 class BlockWriter(BasePredictionWriter):
-    """Writes each computed block (and its pyramid levels) on a background thread, then marks it done.
+    """Writes computed blocks (and their pyramid levels) on a background thread, then marks them done.
 
-    Per block: level 0 is written, then its marker ``<output>/.exem_done/0/<block-id>``; level l is the 2×
-    in-plane mean (:func:`~exem.data.ome.downsample_inplane`, rounded for integers) of level l−1, written,
-    then its marker. Markers are created atomically and only after the data call returned, so a killed run
-    leaves for every block either all of its data and markers, or possibly partial data and missing markers.
+    A block arrives whole (``write_on_batch_end`` with its data) or chunk row by chunk row while it is computed
+    (:meth:`put_slab`, then ``write_on_batch_end`` with None). Each piece is written to level 0 and to level l = the
+    2× in-plane mean (:func:`~exem.data.ome.downsample_inplane`, rounded half to even for integers) of level l−1;
+    once all of a block's data calls have returned, its markers ``<output>/.exem_done/<level>/<block-id>`` are
+    created, atomically. A killed run thus leaves for every block either all of its data and markers, or possibly
+    partial data and missing markers (a rerun computes that block again).
 
-    A bounded queue (``queue_size`` blocks) lets writes overlap the next blocks' compute. The first write error
-    is re-raised in the main thread (at the next block, or at the end of ``predict``).
+    A bounded queue (``queue_size`` items) lets writes overlap compute. The first write error is re-raised in the
+    main thread (at the next item, or at the end of ``predict``).
 
     Args:
         output: local folder of the output group (arrays ``"0"``, ``"1"``, …).
