@@ -8,8 +8,9 @@ ceiling"): translating 32×1024×1024 with a 2-level U-Net of 2/4 channels spent
 (2.26 → 2.91 GB there): freed memory stays with the process for the next tensor.
 
 :func:`keep_freed_memory` sets glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` once per process (the
-inference engine calls it for CPU runs). ``EXEM_CPU_MALLOC=0`` leaves the allocator alone; other C libraries
-(musl, macOS) are left alone too. Users who preload jemalloc or tcmalloc get the same effect their way.
+inference engine and ``exem.train.train`` call it for CPU runs; training a tiny U-Net: 282 → 259 ms per step).
+``EXEM_CPU_MALLOC=0`` leaves the allocator alone; other C libraries (musl, macOS) are left alone too. Users who
+preload jemalloc or tcmalloc get the same effect their way.
 """
 
 from __future__ import annotations

