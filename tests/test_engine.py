@@ -260,7 +260,7 @@ def test_nan_block_raises_and_is_not_marked(net, tmp_path) -> None:
 
 
 def test_writer_error_reaches_the_caller(net, raw, tmp_path, monkeypatch) -> None:
-    def broken(self, index, z0, data):
+    def broken(self, index, z0, data, lower_levels=()):
         raise OSError("disk full")
 
     monkeypatch.setattr(BlockWriter, "write_slab", broken)
@@ -344,9 +344,9 @@ def test_chunk_rows_go_to_the_sink_while_the_block_is_computed(net, raw) -> None
         patches_seen.append(1)
         return real_add(self, out, start)
 
-    def sink(index: int, z0: int, data, ready) -> None:  # noqa: ANN001
+    def sink(index: int, z0: int, levels, ready) -> None:  # noqa: ANN001
         assert ready is None  # on the CPU: a view, nothing to wait for
-        rows.append((z0, np.array(data), len(patches_seen)))
+        rows.append((z0, np.array(levels[0]), len(patches_seen)))
 
     engine.ZStreamBlender.add = counting_add
     try:
@@ -392,3 +392,37 @@ def test_a_batch_size_of_none_is_resolved_once_per_run(net, raw) -> None:
     got = auto.predict_block(block, raw_tensor(raw[ctx]))
     assert auto.batch_size == 8
     assert torch.equal(got, fixed.predict_block(block, raw_tensor(raw[ctx])))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.float16, torch.float32])
+def test_device_pyramid_equals_the_host_one(dtype) -> None:
+    """downsample_rows (on the device) equals downsample_inplane (writer thread) exactly, odd edges included."""
+    from exem.inference.pyramid import downsample_rows
+
+    g = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        rows = (torch.rand((2, 3, 33, 17), generator=g) * 4 - 1).to(dtype)
+    else:
+        info = torch.iinfo(dtype)
+        rows = torch.randint(info.min, info.max, (2, 3, 33, 17), generator=g, dtype=torch.int64).to(dtype)
+    before = rows.clone()
+    got = downsample_rows(rows).numpy()
+    assert torch.equal(rows, before)  # the input is left as it is
+    ref = np.stack([downsample_inplane(c) for c in rows.numpy()])
+    assert got.dtype == ref.dtype and np.array_equal(got, ref)
+
+
+def test_rows_can_carry_their_pyramid_from_the_device(net, raw, tmp_path) -> None:
+    """With levels computed where the rows are (as on a GPU), the sink gets level 1 too, equal to the writer's."""
+    plan = plan_blocks(SHAPE, PATCH, OVERLAP, chunks=(4, 32, 32), levels=2)
+    predictor = engine.BlockPredictor(net, plan, (0, 255), batch_size=4, out_dtype="uint8")
+    predictor.device_levels = True
+    block = plan.blocks[0]
+    ctx = tuple(slice(a, b) for a, b in zip(block.context_start, block.context_stop, strict=True))
+    got: list[tuple[int, list]] = []
+    predictor.predict_block(
+        block, raw_tensor(raw[ctx]), sink=lambda i, z0, levels, ready: got.append((z0, levels))
+    )
+    assert all(len(levels) == 2 for _, levels in got)
+    for _, (rows, level1) in got:
+        np.testing.assert_array_equal(level1.numpy()[0], downsample_inplane(rows.numpy()[0]))

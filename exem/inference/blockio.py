@@ -338,15 +338,16 @@ class BlockWriter(BasePredictionWriter):
         # a block streamed slab by slab (put_slab) is complete now; else it comes whole
         self._put(("done", int(index)) if data is None else ("block", int(index), np.asarray(data)))
 
-    def put_slab(self, index: int, z0: int, data: Any, ready: Any = None) -> None:
+    def put_slab(self, index: int, z0: int, levels: Sequence[Any], ready: Any = None) -> None:
         """Queue rows ``[z0, z0 + dz)`` (relative to block ``index``'s start) of the block's output for writing.
 
-        ``data``: ``(C, dz, by, bx)`` on the host (numpy, or a CPU tensor); ``ready``: an event to wait for before
-        reading it (a non-blocking device → host copy), or None. ``z0`` and the slab's end lie on chunk borders
-        in Z (or the block's end), so every chunk is written whole, once. The block's done-markers follow only
-        once the predictor has returned the block (``write_on_batch_end``), after all its slabs.
+        ``levels``: the rows of level 0 ``(C, dz, by, bx)`` and, when computed on the device, of the next levels
+        (the writer downsamples the missing ones), on the host (numpy, or CPU tensors); ``ready``: an event to wait
+        for before reading them (non-blocking device → host copies), or None. ``z0`` and the slab's end lie on chunk
+        borders in Z (or the block's end), so every chunk is written whole, once. The block's done-markers follow
+        only once the predictor has returned the block (``write_on_batch_end``), after all its slabs.
         """
-        self._put(("slab", int(index), int(z0), data, ready))
+        self._put(("slab", int(index), int(z0), list(levels), ready))
 
     def _put(self, item: tuple) -> None:
         self._raise_if_failed()
@@ -375,10 +376,11 @@ class BlockWriter(BasePredictionWriter):
             try:
                 kind, index, *rest = item
                 if kind == "slab":
-                    z0, data, ready = rest
+                    z0, levels, ready = rest
                     if ready is not None:
                         ready.synchronize()
-                    self.write_slab(index, z0, np.asarray(data))
+                    arrays = [np.asarray(level) for level in levels]
+                    self.write_slab(index, z0, arrays[0], arrays[1:])
                 elif kind == "done":
                     self.finish_block(index)
                 else:
@@ -408,9 +410,12 @@ class BlockWriter(BasePredictionWriter):
         self.write_slab(index, 0, data)
         self.finish_block(index)
 
-    def write_slab(self, index: int, z0: int, data: np.ndarray) -> None:
+    def write_slab(
+        self, index: int, z0: int, data: np.ndarray, lower_levels: Sequence[np.ndarray] = ()
+    ) -> None:
         """Write rows ``[z0, z0 + dz)`` of block ``index`` (``(C, dz, by, bx)`` or ``(dz, by, bx)`` data) to every
-        level (level l: the 2× in-plane mean of level l−1, :func:`downsample_block`)."""
+        level: level l is ``lower_levels[l − 1]`` when given (computed on the device), else the 2× in-plane mean of
+        level l−1 (:func:`downsample_block`)."""
         block = self.plan.blocks[index]
         if data.ndim == 3:
             data = data[None]
@@ -422,7 +427,10 @@ class BlockWriter(BasePredictionWriter):
         level_data = data
         for lvl, arr in enumerate(self._arrays):
             if lvl:
-                level_data = downsample_block(level_data)
+                given = lower_levels[lvl - 1] if lvl - 1 < len(lower_levels) else None
+                level_data = downsample_block(level_data) if given is None else given
+                if level_data.ndim == 3:
+                    level_data = level_data[None]
             f = 2**lvl
             sl = (
                 slice(block.start[0] + z0, block.start[0] + z0 + level_data.shape[1]),

@@ -43,6 +43,7 @@ from exem.data.volume import Volume
 from exem.inference.blend import ZStreamBlender, gaussian_window
 from exem.inference.blockio import DEFAULT_NUM_WORKERS, BlockDataModule, BlockWriter, done_blocks
 from exem.inference.plan import CPU_BLOCK_VOXELS, DEFAULT_BLOCK_VOXELS, Block, BlockPlan
+from exem.inference.pyramid import downsample_rows
 from exem.perf import compile_or_eager
 from exem.quiet import lightning_announcements_muted, lightning_noise_silenced
 
@@ -191,11 +192,18 @@ class BlockPredictor(L.LightningModule):
         self.compile_net = bool(compile)
         # where finished chunk rows go while a block is computed (BlockWriter.put_slab); None: whole blocks
         self.sink: Callable[[int, int, Any, Any], None] | None = None
+        # pyramid levels of those rows computed on the device (exact, pyramid.downsample_rows): None = on a GPU,
+        # where it spares the writer thread; on the CPU the writer thread does it, next to the compute
+        self.device_levels: bool | None = None
 
     def configure_model(self) -> None:
         """Lightning hook (once per run, on every rank): compile the network when asked (idempotent)."""
         if self.compile_net and not getattr(self.net, "_compiled_call_impl", None):
             compile_or_eager(self.net)
+
+    def levels_on_device(self, device: torch.device) -> bool:
+        """Whether the pyramid levels of shipped rows are computed on ``device`` (:attr:`device_levels`)."""
+        return device.type == "cuda" if self.device_levels is None else bool(self.device_levels)
 
     def forward(self, x: Tensor) -> Tensor:
         """The network: ``(B, 1, Z, Y, X)`` in [0, 1] → ``(B, C, Z, Y, X)``."""
@@ -236,10 +244,11 @@ class BlockPredictor(L.LightningModule):
         Args:
             block: a block of :attr:`plan`.
             raw: the block's raw context ``(cz, cy, cx)`` (any device; moved to this module's device).
-            sink: called with ``(block index, z0, rows, ready)`` for each chunk row of the output (Z rows
+            sink: called with ``(block index, z0, levels, ready)`` for each chunk row of the output (Z rows
                 ``[z0, z0 + chunk_z)`` relative to the block, the last one shorter) as soon as it is final, while
-                the rest of the block is computed: ``rows`` is ``(C, dz, by, bx)`` on the host (a view on the CPU; a
-                pinned copy on a GPU, with ``ready`` the CUDA event to wait for before reading it; else None).
+                the rest of the block is computed: ``levels`` holds the rows ``(C, dz, by, bx)`` and, with
+                :meth:`levels_on_device`, their pyramid levels, on the host (views on the CPU; pinned copies on a GPU,
+                with ``ready`` the CUDA event to wait for before reading them; else None).
 
         Returns:
             ``(C, bz, by, bx)`` tensor of ``out_dtype`` on the device.
@@ -269,7 +278,11 @@ class BlockPredictor(L.LightningModule):
                 result[:, z0:done].copy_(self.cast(values))
                 while sink is not None and (shipped + chunk_z <= done or done == block.shape[0] > shipped):
                     end = min(shipped + chunk_z, block.shape[0])
-                    sink(block.index, shipped, *_to_host(result[:, shipped:end]))
+                    levels = [result[:, shipped:end]]
+                    if self.levels_on_device(device):
+                        while len(levels) < self.plan.levels:
+                            levels.append(downsample_rows(levels[-1]))
+                    sink(block.index, shipped, *_to_host(levels))
                     shipped = end
 
         starts = list(block.patches())
@@ -404,16 +417,18 @@ def module_state_kept(net: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _to_host(rows: Tensor) -> tuple[Tensor, Any]:
-    """``rows`` on the host: itself on the CPU; on a GPU a non-blocking copy into pinned memory and the event
-    that marks its end (the writer thread waits for it, the device goes on computing)."""
-    if rows.device.type != "cuda":
-        return rows, None
-    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-    host.copy_(rows, non_blocking=True)
+def _to_host(tensors: list[Tensor]) -> tuple[list[Tensor], Any]:
+    """``tensors`` on the host: themselves on the CPU; on a GPU non-blocking copies into pinned memory and the event
+    that marks their end (the writer thread waits for it, the device goes on computing)."""
+    if tensors[0].device.type != "cuda":
+        return tensors, None
+    hosts = []
+    for t in tensors:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        hosts.append(host.copy_(t, non_blocking=True))
     ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(rows.device))
-    return host, ready
+    ready.record(torch.cuda.current_stream(tensors[0].device))
+    return hosts, ready
 
 
 def on_cpu(trainer: L.Trainer | None) -> bool:
