@@ -426,3 +426,24 @@ def test_rows_can_carry_their_pyramid_from_the_device(net, raw, tmp_path) -> Non
     assert all(len(levels) == 2 for _, levels in got)
     for _, (rows, level1) in got:
         np.testing.assert_array_equal(level1.numpy()[0], downsample_inplane(rows.numpy()[0]))
+
+
+def test_several_writer_threads_write_the_same_output(net, raw, tmp_path) -> None:
+    """Chunk rows written by a pool of threads (as on a GPU host) give the same pyramid as one writer thread."""
+    one = run(net, raw, tmp_path / "one.zarr", dtype="uint8", levels=2, chunks=(4, 16, 16), write_workers=1)
+    many = run(net, raw, tmp_path / "many.zarr", dtype="uint8", levels=2, chunks=(4, 16, 16), write_workers=3)
+    np.testing.assert_array_equal(one, many)
+    a = zarr.open_group(str(tmp_path / "one.zarr"), mode="r")["1"][...]
+    b = zarr.open_group(str(tmp_path / "many.zarr"), mode="r")["1"][...]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_write_error_in_a_writer_thread_reaches_the_caller(net, raw, tmp_path, monkeypatch) -> None:
+    def broken(self, index, z0, data, lower_levels=()):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(BlockWriter, "write_slab", broken)
+    out = tmp_path / "broken.zarr"
+    with pytest.raises(OSError, match="disk full"):
+        run(net, raw, out, block_shape=(8, 32, 32), write_workers=3)
+    assert not (out / DONE_DIR).exists()  # no block was marked done
