@@ -259,14 +259,17 @@ def test_nan_block_raises_and_is_not_marked(net, tmp_path) -> None:
     assert not zarr.open_group(str(out), mode="r").attrs.get("exem", {}).get("complete", False)
 
 
-def test_writer_error_reaches_the_caller(net, raw, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("write_workers", [1, 3], ids=["one-writer", "writer-threads"])
+def test_writer_error_reaches_the_caller(net, raw, tmp_path, monkeypatch, write_workers: int) -> None:
+    """A write error (in the writer thread, or in one of a pool's threads) ends the run; no block is marked done."""
+
     def broken(self, index, z0, data, lower_levels=()):
         raise OSError("disk full")
 
     monkeypatch.setattr(BlockWriter, "write_slab", broken)
     out = tmp_path / "broken.zarr"
     with pytest.raises(OSError, match="disk full"):
-        run(net, raw, out, block_shape=(8, 32, 32))
+        run(net, raw, out, block_shape=(8, 32, 32), write_workers=write_workers)
     assert not (out / DONE_DIR).exists()
 
 
@@ -436,14 +439,3 @@ def test_several_writer_threads_write_the_same_output(net, raw, tmp_path) -> Non
     a = zarr.open_group(str(tmp_path / "one.zarr"), mode="r")["1"][...]
     b = zarr.open_group(str(tmp_path / "many.zarr"), mode="r")["1"][...]
     np.testing.assert_array_equal(a, b)
-
-
-def test_a_write_error_in_a_writer_thread_reaches_the_caller(net, raw, tmp_path, monkeypatch) -> None:
-    def broken(self, index, z0, data, lower_levels=()):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(BlockWriter, "write_slab", broken)
-    out = tmp_path / "broken.zarr"
-    with pytest.raises(OSError, match="disk full"):
-        run(net, raw, out, block_shape=(8, 32, 32), write_workers=3)
-    assert not (out / DONE_DIR).exists()  # no block was marked done
