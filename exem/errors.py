@@ -17,8 +17,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf.errors import MissingMandatoryValue
-
 __all__ = [
     "USER_ERRORS",
     "config_error_line",
@@ -32,12 +30,18 @@ __all__ = [
 
 log = logging.getLogger("exem")
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, MissingMandatoryValue)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 # OSErrors about the user's environment (space, quota, permissions, paths): reported in one line.
 _ENV_ERRNOS = ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EISDIR")
 USER_OS_ERRNOS = frozenset(getattr(errno, name) for name in _ENV_ERRNOS if hasattr(errno, name))
-# Errors of other libraries that are the user's to fix, matched by class name (no import needed).
-USER_ERROR_NAMES = frozenset({"MisconfigurationException"})  # Lightning: e.g. Trainer(devices=0)
+# Errors of other libraries that are the user's to fix, matched by class name: importing this module (volume.py
+# does) then imports neither OmegaConf nor Lightning.
+USER_ERROR_NAMES = frozenset(
+    {
+        "MisconfigurationException",  # Lightning: e.g. Trainer(devices=0)
+        "MissingMandatoryValue",  # OmegaConf: a ??? value read
+    }
+)
 
 
 def exception_line(exc: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
@@ -60,7 +64,8 @@ def exception_line(exc: BaseException, *, with_type: bool = False, limit: int | 
 
 
 def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` (itself, not its causes) is one the user can fix: see :data:`USER_ERRORS`."""
+    """Whether ``err`` (itself, not its causes) is one the user can fix: :data:`USER_ERRORS`,
+    :data:`USER_ERROR_NAMES`, or an OSError about the environment (:data:`USER_OS_ERRNOS`)."""
     if isinstance(err, USER_ERRORS) or type(err).__name__ in USER_ERROR_NAMES:
         return True
     return isinstance(err, OSError) and err.errno in USER_OS_ERRNOS
@@ -84,7 +89,7 @@ def user_error_line(err: BaseException) -> str:
     Errors raised inside DataLoader workers come back with the worker's traceback in their message; only its
     last line (``VolumeError: ...``) is kept.
     """
-    if isinstance(err, MissingMandatoryValue):
+    if type(err).__name__ == "MissingMandatoryValue":
         return f"missing mandatory config value {err.full_key}"
     if isinstance(err, OSError) and err.errno is not None and err.strerror:
         where = f": {err.filename}" if err.filename else ""
