@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from exem.data.grid import PatchGrid
-from exem.inference.blend import BlendAccumulator, ZStreamBlender, gaussian_window
+from exem.inference.blend import BlendAccumulator, WindowCache, ZStreamBlender, gaussian_window, halo_gap
 
 
 @pytest.mark.parametrize("sigma", [0.5, 0.3, 0.2])
@@ -127,3 +128,47 @@ def test_zstream_rejects_unordered_rows_and_gaps() -> None:
         stream.add(torch.ones(1, 2, 4, 4), (0, 0, 0))
     with pytest.raises(RuntimeError, match="no patch"):
         stream.finish()  # slices 4:6 were never covered
+
+
+# ----------------------------------------------------------------------------------------------------------
+# halo: patches' wrong borders get no weight (bioimage.io output axes' halo)
+
+
+def _blend_with(windows, grid, net, volume):
+
+    acc = BlendAccumulator((0, 0, 0), grid.shape, windows.get("cpu"))
+    pz, py, px = grid.patch
+    for start in itertools.product(*grid.starts):
+        z, y, x = start
+        with torch.no_grad():
+            out = net(volume[None, None, z : z + pz, y : y + py, x : x + px])[0]
+        acc.add(out, start, windows.get("cpu", start))
+    return acc.result()
+
+
+@pytest.mark.parametrize(("kernel", "overlap"), [(3, (2, 4, 6)), (5, (4, 4, 6))])
+def test_halo_blend_equals_the_whole_volume_prediction(kernel: int, overlap: tuple[int, int, int]) -> None:
+    """A zero-padded convolution (halo = kernel // 2) blended over patches with the halo excluded equals the
+    convolution of the whole volume; the plain Gaussian window does not."""
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, kernel, padding=kernel // 2)
+    volume = torch.rand(13, 37, 41)
+    grid = PatchGrid(volume.shape, (8, 16, 16), overlap)
+    h = kernel // 2
+    with torch.no_grad():
+        whole = net(volume[None, None])[0]
+    halo = _blend_with(WindowCache(grid, halo=(h, h, h)), grid, net, volume)
+    plain = _blend_with(WindowCache(grid), grid, net, volume)
+    assert (halo - whole).abs().max() < 1e-5
+    assert (plain - whole).abs().max() > 1e-3
+
+
+def test_halo_needs_overlap_of_twice_the_halo() -> None:
+
+    grid = PatchGrid((8, 40, 40), (8, 16, 16), (0, 2, 4))
+    WindowCache(grid, halo=(0, 1, 2))  # overlap = 2 × halo: fine
+    with pytest.raises(ValueError, match="overlap ≥ 2 × halo"):
+        WindowCache(grid, halo=(0, 2, 2))
+    assert halo_gap([0, 14, 24], 16, 40, 1) is None
+    assert halo_gap([0, 16, 24], 16, 40, 1) == 15  # the last voxel of patch 0 and the first of patch 1

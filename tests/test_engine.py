@@ -343,9 +343,9 @@ def test_chunk_rows_go_to_the_sink_while_the_block_is_computed(net, raw) -> None
     patches_seen: list[int] = []
     real_add = engine.ZStreamBlender.add
 
-    def counting_add(self, out, start):  # noqa: ANN001, ANN202
+    def counting_add(self, out, start, window=None):  # noqa: ANN001, ANN202
         patches_seen.append(1)
-        return real_add(self, out, start)
+        return real_add(self, out, start, window)
 
     def sink(index: int, z0: int, levels, ready) -> None:  # noqa: ANN001
         assert ready is None  # on the CPU: a view, nothing to wait for
@@ -377,7 +377,7 @@ def test_keep_freed_memory_is_opt_out(monkeypatch) -> None:
 
 def test_automatic_batch_size() -> None:
     """The batch fills half the device memory, in powers of two, 1 ≤ batch ≤ 64; the CPU keeps 8."""
-    from exem.inference.engine import DEFAULT_BATCH_SIZE, batch_for_memory, probe_batch_size
+    from exem.inference.batching import DEFAULT_BATCH_SIZE, batch_for_memory, probe_batch_size
 
     gib = 2**30
     assert batch_for_memory(per_patch_bytes=1 * gib, device_bytes=80 * gib) == 32  # 40 patches fit → 32

@@ -11,11 +11,12 @@ and is handed back as soon as the row changes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlendAccumulator", "ZStreamBlender", "gaussian_window"]
+__all__ = ["BlendAccumulator", "WindowCache", "ZStreamBlender", "gaussian_window", "halo_gap"]
 
 
 def gaussian_window(
@@ -53,6 +54,85 @@ def gaussian_window(
     r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
     w = torch.exp(-r2 / (2.0 * float(sigma) ** 2)).clamp_min_(float(floor))
     return w.to(dtype=dtype, device=device)
+
+
+def halo_gap(starts: Sequence[int], patch: int, size: int, halo: int) -> int | None:
+    """The first voxel of an axis of ``size`` voxels that no patch covers outside its halo, or None.
+
+    A patch starting at ``t`` trusts ``[t + halo, t + patch − halo)``, except that a side on the region's border
+    keeps its halo voxels (the model saw the same border there as it would on the whole volume).
+    """
+    covered = 0
+    for t in sorted(int(v) for v in starts):
+        lo = t if t == 0 else t + halo
+        hi = t + patch if t + patch >= size else t + patch - halo
+        if lo > covered:
+            return covered
+        covered = max(covered, hi)
+    return None if covered >= size else covered
+
+
+class WindowCache:
+    """The blending windows of a patch grid's patches on each device.
+
+    Without a halo every patch gets :func:`gaussian_window`. A halo ``(hz, hy, hx)`` (voxels a model's output
+    gets wrong at each side of its input, e.g. bioimage.io output axes' ``halo``) gives those voxels weight 0
+    in each patch, except on the sides that lie on the region's border: every voxel is then blended only from
+    patches that saw enough context, as if the model had run on the whole region at once. One window per
+    device and border case (at most 4³), built on first use.
+
+    Args:
+        grid: the patch grid (a :class:`~exem.data.grid.PatchGrid`: ``shape``, ``patch``, ``starts``).
+        sigma, floor: of :func:`gaussian_window`.
+        halo: (z, y, x) voxels, each ≥ 0.
+
+    Raises:
+        ValueError: a halo the grid cannot honour (a voxel outside every patch's trusted part): the overlap
+            must be at least twice the halo.
+    """
+
+    def __init__(
+        self, grid: Any, sigma: float = 0.5, floor: float = 1e-4, halo: Sequence[int] = (0, 0, 0)
+    ) -> None:
+        self.patch = tuple(int(v) for v in grid.patch)
+        self.shape = tuple(int(v) for v in grid.shape)
+        self.sigma, self.floor = float(sigma), float(floor)
+        self.halo = tuple(int(v) for v in halo)
+        gaussian_window(self.patch, self.sigma, self.floor)  # validate sigma / floor early
+        for ax, (h, starts, p, n) in enumerate(
+            zip(self.halo, grid.starts, self.patch, self.shape, strict=True)
+        ):
+            gap = halo_gap(starts, p, n, h) if h > 0 else None
+            if h < 0 or gap is not None:
+                name = "zyx"[ax]
+                raise ValueError(
+                    f"halo {list(self.halo)}: voxel {gap} of axis {name} lies in the halo of every patch over it;"
+                    f" use an overlap ≥ 2 × halo ({2 * h} voxels) and a patch > 2 × halo on axis {name}"
+                )
+        self._windows: dict[tuple[Any, ...], Tensor] = {}
+
+    def get(self, device: torch.device | str, start: Sequence[int] | None = None) -> Tensor:
+        """The ``(pz, py, px)`` float32 window of the patch at ``start`` (z, y, x; None: an inner patch)."""
+        sides: tuple[tuple[bool, bool], ...] = ()
+        if any(self.halo):
+            starts = start if start is not None else (1, 1, 1)
+            sides = tuple(
+                (int(t) == 0 or h == 0, int(t) + p >= n or h == 0)
+                for t, p, n, h in zip(starts, self.patch, self.shape, self.halo, strict=True)
+            )
+        key = (torch.device(device), sides)
+        if key not in self._windows:
+            w = gaussian_window(self.patch, self.sigma, self.floor, dtype=torch.float64)
+            for ax, ((keep_lo, keep_hi), h) in enumerate(zip(sides, self.halo, strict=False)):
+                index: list[Any] = [slice(None)] * 3
+                if not keep_lo:
+                    index[ax] = slice(0, h)
+                    w[tuple(index)] = 0.0
+                if not keep_hi:
+                    index[ax] = slice(self.patch[ax] - h, None)
+                    w[tuple(index)] = 0.0
+            self._windows[key] = w.to(dtype=torch.float32, device=key[0])
+        return self._windows[key]
 
 
 def _overlap(start: int, size: int, box_start: int, box_size: int) -> tuple[slice, slice] | None:
@@ -102,12 +182,13 @@ class BlendAccumulator:
         )
         self.scratch = scratch
 
-    def add(self, out: Tensor, start: Sequence[int]) -> None:
+    def add(self, out: Tensor, start: Sequence[int], window: Tensor | None = None) -> None:
         """Add one patch prediction.
 
         Args:
             out: ``(C, pz, py, px)`` prediction of the patch (any float dtype; accumulated in float32).
             start: (z, y, x) of the patch's first voxel. Patches that miss the box are ignored.
+            window: this patch's weights (:class:`WindowCache`), of the window's shape; None: the box's window.
         """
         if tuple(out.shape[1:]) != self.patch:
             raise ValueError(f"prediction shape {tuple(out.shape)} does not match the window {self.patch}")
@@ -123,7 +204,7 @@ class BlendAccumulator:
             self.acc = torch.zeros(
                 (out.shape[0], *self.box_shape), dtype=torch.float32, device=self.weight.device
             )
-        w = self.window[src]
+        w = (self.window if window is None else window)[src]
         piece = out[(slice(None), *src)].float()
         if self.scratch is not None and self.scratch.shape[0] == piece.shape[0]:
             weighted = torch.mul(piece, w, out=self.scratch[(slice(None), *(slice(0, n) for n in w.shape))])
@@ -187,8 +268,11 @@ class ZStreamBlender:
     def _z_end(self) -> int:
         return self.box_start[0] + self.box_shape[0]
 
-    def add(self, out: Tensor, start: Sequence[int]) -> list[tuple[int, Tensor]]:
-        """Add one patch prediction ``(C, pz, py, px)`` at ``start`` (z, y, x); returns the slabs it finalised."""
+    def add(
+        self, out: Tensor, start: Sequence[int], window: Tensor | None = None
+    ) -> list[tuple[int, Tensor]]:
+        """Add one patch prediction ``(C, pz, py, px)`` at ``start`` (z, y, x), weighted by ``window`` (this
+        patch's, :class:`WindowCache`; None: the blender's); returns the slabs it finalised."""
         z = int(start[0])
         done: list[tuple[int, Tensor]] = []
         if z != self._row:
@@ -205,7 +289,7 @@ class ZStreamBlender:
                     self._buffers[self._turn][0][:, : self._hi - self._lo],
                     self._scratch,
                 )
-            self._acc.add(out, start)
+            self._acc.add(out, start, window)
         return done
 
     def _allocate(self, channels: int) -> None:

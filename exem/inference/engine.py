@@ -40,7 +40,8 @@ from exem.allocator import keep_freed_memory
 from exem.checks import fmt_voxels, one_of
 from exem.data.grid import AXIS_NAMES
 from exem.data.volume import Volume
-from exem.inference.blend import ZStreamBlender, gaussian_window
+from exem.inference.batching import DEFAULT_BATCH_SIZE, probe_batch_size
+from exem.inference.blend import WindowCache, ZStreamBlender
 from exem.inference.blockio import DEFAULT_NUM_WORKERS, BlockDataModule, BlockWriter, done_blocks
 from exem.inference.plan import CPU_BLOCK_VOXELS, DEFAULT_BLOCK_VOXELS, Block, BlockPlan
 from exem.inference.pyramid import downsample_rows
@@ -66,52 +67,6 @@ OUT_DTYPES = ("uint8", "float16", "float32")
 # Threads writing chunk rows on a GPU host (the engine ceiling there asks for ≥ 150 Mvox/s; one thread encodes
 # ~140-200 Mvox/s of uint8 levels 0 + 1 on this project's CPU).
 GPU_WRITE_WORKERS = 4
-# Patches per network call when none is given: on the CPU; on a GPU, :func:`batch_for_memory` decides.
-DEFAULT_BATCH_SIZE = 8
-# The largest automatic batch, and the share of the device's memory the network's activations may take.
-MAX_AUTO_BATCH = 64
-AUTO_BATCH_MEMORY_FRACTION = 0.5
-
-
-def batch_for_memory(
-    per_patch_bytes: int, device_bytes: int, fraction: float = AUTO_BATCH_MEMORY_FRACTION
-) -> int:
-    """The automatic batch size: the largest power of two ≤ :data:`MAX_AUTO_BATCH` whose activations
-    (``per_patch_bytes`` each) fit in ``fraction`` of ``device_bytes``; at least 1."""
-    room = int(fraction * device_bytes) // max(int(per_patch_bytes), 1)
-    batch = 1
-    while batch * 2 <= min(room, MAX_AUTO_BATCH):
-        batch *= 2
-    return batch
-
-
-def probe_batch_size(net: nn.Module, patch: Sequence[int], device: torch.device, autocast_dtype: Any) -> int:
-    """Patches per call for ``net`` on ``device``: :data:`DEFAULT_BATCH_SIZE` on the CPU; on a CUDA device, one
-    patch is run to measure its peak memory and :func:`batch_for_memory` sizes the batch against the device's
-    *total* memory (the same on every rank of identical GPUs, so a DDP run keeps one batch size)."""
-    if device.type != "cuda":
-        return DEFAULT_BATCH_SIZE
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    x = torch.zeros((1, 1, *patch), device=device)
-    enabled = autocast_dtype is not None
-    with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
-        net.forward(x)  # eager even when compiled: the run compiles for its own batch shape only
-    torch.cuda.synchronize(device)
-    per_patch = torch.cuda.max_memory_allocated(device) - before
-    total = torch.cuda.get_device_properties(device).total_memory
-    batch = batch_for_memory(per_patch, total)
-    log.info(
-        "batch size %d (one patch took %.2f GiB of %.0f GiB on %s)",
-        batch,
-        per_patch / 2**30,
-        total / 2**30,
-        device,
-    )
-    return batch
-
-
 # ----------------------------------------------------------------------------------------------------------
 # compute
 
@@ -139,6 +94,8 @@ class BlockPredictor(L.LightningModule):
         plan: the block plan (its global grid gives the patches and their order).
         intensity_range: raw (lo, hi) mapped to [0, 1], exactly as :func:`exem.data.volume.normalize`.
         sigma, floor: Gaussian window (:func:`~exem.inference.blend.gaussian_window`).
+        halo: (z, y, x) voxels of each patch's output given no weight away from the region's border
+            (:class:`~exem.inference.blend.WindowCache`); (0, 0, 0): the plain window.
         batch_size: patches per network call; None: :func:`probe_batch_size` on the device at the first block.
         out_dtype: ``uint8`` (``clip(round(255·x), 0, 255)``), ``float16`` or ``float32`` (unclipped).
         autocast_dtype: run the network under ``torch.autocast`` with this dtype (``bfloat16``/``float16``);
@@ -166,6 +123,7 @@ class BlockPredictor(L.LightningModule):
         floor: float = 1e-4,
         raw_dtype: np.dtype | str | None = None,
         compile: bool = False,  # noqa: A002 - the config key's name
+        halo: Sequence[int] = (0, 0, 0),
     ) -> None:
         super().__init__()
         one_of(out_dtype, OUT_DTYPES, "dtype")
@@ -189,8 +147,8 @@ class BlockPredictor(L.LightningModule):
         self._unsigned_mask = (
             (1 << (8 * dt.itemsize)) - 1 if dt is not None and dt.kind == "u" and dt.itemsize in (2, 4) else 0
         )
-        gaussian_window(plan.grid.patch, self.sigma, self.floor)  # validate sigma/floor early
-        self._windows: dict[torch.device, Tensor] = {}
+        self.windows = WindowCache(plan.grid, self.sigma, self.floor, halo)  # validates sigma, floor, halo
+        self.halo = self.windows.halo
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.compile_net = bool(compile)
         # where finished chunk rows go while a block is computed (BlockWriter.put_slab); None: whole blocks
@@ -212,13 +170,9 @@ class BlockPredictor(L.LightningModule):
         """The network: ``(B, 1, Z, Y, X)`` in [0, 1] → ``(B, C, Z, Y, X)``."""
         return self.net(x)
 
-    def window(self, device: torch.device) -> Tensor:
-        """The ``(pz, py, px)`` float32 Gaussian window on ``device`` (cached)."""
-        if device not in self._windows:
-            self._windows[device] = gaussian_window(
-                self.plan.grid.patch, self.sigma, self.floor, device=device
-            )
-        return self._windows[device]
+    def window(self, device: torch.device, start: Sequence[int] | None = None) -> Tensor:
+        """The ``(pz, py, px)`` float32 blending window on ``device`` of the patch at ``start`` (cached)."""
+        return self.windows.get(device, start)
 
     def normalize(self, raw: Tensor, out: Tensor | None = None) -> Tensor:
         """Raw voxels → float32 in [0, 1], bit-identical to :func:`exem.data.volume.normalize`.
@@ -312,7 +266,7 @@ class BlockPredictor(L.LightningModule):
             with autocast:
                 out = self.net(batch.unsqueeze(1))
             for j, start in enumerate(chunk):
-                emit(blender.add(out[j], start))
+                emit(blender.add(out[j], start, self.window(device, start) if any(self.halo) else None))
         emit(blender.finish())
         assert result is not None
         return result
@@ -490,6 +444,7 @@ def run_blockwise(
     floor: float = 1e-4,
     compile: bool = False,  # noqa: A002 - the config key's name
     write_workers: int | None = None,
+    halo: Sequence[int] = (0, 0, 0),
 ) -> BlockwiseResult:
     """Apply ``net`` to the plan's region of ``volume``, block by block, and write an image pyramid.
 
@@ -512,6 +467,8 @@ def run_blockwise(
         progress: rich progress bar on stderr (global rank 0).
         compile: ``torch.compile`` the network (see :class:`BlockPredictor`).
         write_workers: threads writing chunk rows; None → 1 on the CPU, :data:`GPU_WRITE_WORKERS` on a GPU.
+        halo: (z, y, x) voxels at each side of a patch's output that the network gets wrong (weight 0 away from
+            the region's border; the plan's overlap must be ≥ 2 × halo).
 
     Returns:
         a :class:`BlockwiseResult`. Every rank returns after all blocks are written and rank 0 has set the
@@ -546,6 +503,7 @@ def run_blockwise(
         floor=floor,
         raw_dtype=volume.dtype,
         compile=compile,
+        halo=halo,
     )
     workers = default_num_workers(trainer) if num_workers is None else int(num_workers)
     datamodule = BlockDataModule(

@@ -1,0 +1,65 @@
+"""How many patches go into one network call: a fixed number on the CPU, what the device's memory holds on a GPU."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AUTO_BATCH_MEMORY_FRACTION",
+    "DEFAULT_BATCH_SIZE",
+    "MAX_AUTO_BATCH",
+    "batch_for_memory",
+    "probe_batch_size",
+]
+
+log = logging.getLogger(__name__)
+
+# Patches per network call when none is given: on the CPU; on a GPU, :func:`batch_for_memory` decides.
+DEFAULT_BATCH_SIZE = 8
+# The largest automatic batch, and the share of the device's memory the network's activations may take.
+MAX_AUTO_BATCH = 64
+AUTO_BATCH_MEMORY_FRACTION = 0.5
+
+
+def batch_for_memory(
+    per_patch_bytes: int, device_bytes: int, fraction: float = AUTO_BATCH_MEMORY_FRACTION
+) -> int:
+    """The automatic batch size: the largest power of two ≤ :data:`MAX_AUTO_BATCH` whose activations
+    (``per_patch_bytes`` each) fit in ``fraction`` of ``device_bytes``; at least 1."""
+    room = int(fraction * device_bytes) // max(int(per_patch_bytes), 1)
+    batch = 1
+    while batch * 2 <= min(room, MAX_AUTO_BATCH):
+        batch *= 2
+    return batch
+
+
+def probe_batch_size(net: nn.Module, patch: Sequence[int], device: torch.device, autocast_dtype: Any) -> int:
+    """Patches per call for ``net`` on ``device``: :data:`DEFAULT_BATCH_SIZE` on the CPU; on a CUDA device, one
+    patch is run to measure its peak memory and :func:`batch_for_memory` sizes the batch against the device's
+    *total* memory (the same on every rank of identical GPUs, so a DDP run keeps one batch size)."""
+    if device.type != "cuda":
+        return DEFAULT_BATCH_SIZE
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    x = torch.zeros((1, 1, *patch), device=device)
+    enabled = autocast_dtype is not None
+    with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+        net.forward(x)  # eager even when compiled: the run compiles for its own batch shape only
+    torch.cuda.synchronize(device)
+    per_patch = torch.cuda.max_memory_allocated(device) - before
+    total = torch.cuda.get_device_properties(device).total_memory
+    batch = batch_for_memory(per_patch, total)
+    log.info(
+        "batch size %d (one patch took %.2f GiB of %.0f GiB on %s)",
+        batch,
+        per_patch / 2**30,
+        total / 2**30,
+        device,
+    )
+    return batch
