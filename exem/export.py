@@ -42,7 +42,7 @@ __all__ = ["EXPORT_FORMATS", "ExportedFiles", "export_generator", "onnx_export"]
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS: tuple[str, ...] = ("exem", "torchscript", "onnx")
+EXPORT_FORMATS: tuple[str, ...] = ("exem", "torchscript", "onnx", "bioimageio")
 TORCHSCRIPT_NAME = "generator.ts"
 ONNX_NAME = "generator.onnx"
 # Every file an export may write (the .data file only if an exporter splits large weights off).
@@ -70,6 +70,7 @@ class ExportedFiles(dict[str, Path]):
         self.torchscript_max_abs_diff: float | None = None
         self.onnx_max_abs_diff: float | None = None
         self.checked_shapes: list[tuple[int, ...]] = []
+        self.package: Any = None  # exem.bioimageio.export.PackageFiles of format bioimageio
 
     def summary(self) -> str:
         """The export checks on a line each (empty when none ran), as ``exem-export`` prints them."""
@@ -79,6 +80,8 @@ class ExportedFiles(dict[str, Path]):
         if self.onnx_max_abs_diff is not None:
             diff = self.onnx_max_abs_diff
             lines.append(f"onnx check: max |onnx - torch| = {diff:.3g} (onnxruntime CPU, tolerance 1e-4)")
+        if self.package is not None:
+            lines.append(self.package.summary())
         return "\n".join(lines)
 
 
@@ -93,6 +96,8 @@ def export_generator(
     onnx_opset: int = _DEFAULT_OPSET,
     onnx_atol: float = _DEFAULT_ONNX_ATOL,
     onnx_exporter: str = "auto",
+    test_volume: Any = None,
+    package: Mapping[str, Any] | None = None,
 ) -> ExportedFiles:
     """Export a generator as safetensors + JSON (``exem``), TorchScript and/or ONNX, each checked before kept.
 
@@ -106,7 +111,9 @@ def export_generator(
             ``ExEMModule``, whose ``G_AB`` / ``G_BA`` is taken), or any checkpoint :func:`load_generator` reads.
         out_dir: folder to write into; created if needed.
         formats: some of ``"exem"`` (``generator.safetensors`` + ``generator.json``), ``"torchscript"``
-            (``generator.ts``), ``"onnx"`` (``generator.onnx``, input ``"input"``, output ``"output"``).
+            (``generator.ts``), ``"onnx"`` (``generator.onnx``, input ``"input"``, output ``"output"``),
+            ``"bioimageio"`` (a bioimage.io model package: ``bioimageio/rdf.yaml`` … and its ``.zip``, passing
+            ``bioimageio.core``'s test).
         example_shape: ``(B, C, Z, Y, X)`` of the tracing / check input; C = the generator's in_channels.
         overwrite: replace the export files in a folder that already holds files; False refuses.
         direction: ``lm_to_em`` | ``em_to_lm`` (or ``AB`` | ``BA``): which generator to take from a checkpoint or
@@ -116,6 +123,9 @@ def export_generator(
         onnx_exporter: ``"torchscript"`` (torch's TorchScript-based exporter: fast, all of B, Z, Y, X dynamic),
             ``"dynamo"`` (``torch.export``-based; slower, needs onnxscript) or ``"auto"`` (the TorchScript-based
             one while this torch still has it, else dynamo).
+        test_volume: ``bioimageio``: the ExM volume the package's test patch is cut from (None: a synthetic one).
+        package: ``bioimageio``: ``name``, ``authors``, ``cite``, ``license_id`` of the description
+            (:func:`exem.bioimageio.export.write_package`).
 
     Returns:
         :class:`ExportedFiles`: ``{"safetensors", "json", "torchscript", "onnx"}`` → path (those asked for),
@@ -139,7 +149,7 @@ def export_generator(
     result = ExportedFiles()
     inputs: list[Tensor] = []
     references: list[Tensor] = []
-    if "torchscript" in wanted or "onnx" in wanted:
+    if {"torchscript", "onnx", "bioimageio"} & set(wanted):
         gen = torch.Generator().manual_seed(0)
         inputs = [torch.rand(s, generator=gen) for s in (shape, _second_shape(shape, model.divisor))]
         with torch.no_grad():
@@ -177,6 +187,19 @@ def export_generator(
             "checked_with": "onnxruntime CPUExecutionProvider",
             "checked_shapes": [list(s) for s in result.checked_shapes],
         }
+    if "bioimageio" in wanted:
+        _write_bioimageio(
+            trained,
+            out,
+            result,
+            inputs,
+            references,
+            int(onnx_opset),
+            float(onnx_atol),
+            onnx_exporter,
+            test_volume,
+            dict(package or {}),
+        )
     if "exem" in wanted:
         document = {
             **config,
@@ -188,6 +211,40 @@ def export_generator(
     for name, path in result.items():
         log.info("wrote %s %s", name, path)
     return result
+
+
+def _write_bioimageio(
+    trained: TrainedGenerator,
+    out: Path,
+    result: ExportedFiles,
+    inputs: list[Tensor],
+    references: list[Tensor],
+    opset: int,
+    atol: float,
+    exporter: str,
+    test_volume: Any,
+    package: dict[str, Any],
+) -> None:
+    """The bioimage.io package, from this export's checked TorchScript / ONNX files (made aside if not asked for)."""
+    import tempfile
+
+    from exem.bioimageio.export import write_package
+
+    with tempfile.TemporaryDirectory(dir=out, prefix=".weights-") as tmp:
+        ts = result.get("torchscript")
+        if ts is None:
+            ts = _write_torchscript(trained.network, Path(tmp) / TORCHSCRIPT_NAME, inputs, references)[0]
+        onnx = result.get("onnx")
+        if onnx is None:
+            onnx = _write_onnx(
+                trained.network, Path(tmp) / ONNX_NAME, inputs, references, opset, atol, exporter
+            )[0]
+        files = write_package(
+            trained, out, torchscript=ts, onnx=onnx, onnx_opset=opset, test_volume=test_volume, **package
+        )
+    result["bioimageio"] = files.zip
+    result["bioimageio_folder"] = files.folder
+    result.package = files
 
 
 _FLAT_LIST = re.compile(r"\[\s+([^\[\]{}\"]*?)\s+\]")

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 BIN = Path(sys.executable).parent
+# Qt without a screen for the napari plugin's tests (napari's pytest plugin imports Qt for every test).
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 # Small-but-real settings for `exem-train experiment=demo` in tests: 2 batches per epoch so validation runs.
 DEMO_FAST = [

@@ -157,6 +157,7 @@ def build_world(tmp: Path) -> SimpleNamespace:
     w.seg_model = tmp / "segmenter.ts"
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), torch.nn.Sigmoid()).eval()
     torch.jit.save(torch.jit.trace(net, torch.rand(1, 1, 4, 32, 32)), str(w.seg_model))
+    _packages(w, tmp)
 
     # existing outputs that a failing command must leave alone
     w.done_translation = tmp / "done.ome.zarr"
@@ -170,6 +171,29 @@ def build_world(tmp: Path) -> SimpleNamespace:
     w.full = tmp / "full"
     w.full.mkdir()
     return w
+
+
+def _packages(w: SimpleNamespace, tmp: Path) -> None:
+    """Broken bioimage.io packages (tests/bioimageio_packages.py builds a valid one, then one thing is wrong)."""
+    import yaml
+
+    from tests.bioimageio_packages import make_package
+
+    w.pkg_no_rdf, _ = make_package(tmp / "pkg_no_rdf")
+    (w.pkg_no_rdf / "rdf.yaml").unlink()
+    w.pkg_version, _ = make_package(tmp / "pkg_version", rdf_overrides={"format_version": "0.9.1"})
+    tf = {"tensorflow_saved_model_bundle": {"source": "tf_model.zip", "tensorflow_version": "2.15"}}
+    w.pkg_tensorflow, _ = make_package(tmp / "pkg_tensorflow", rdf_overrides={"weights": tf})
+    w.pkg_url, _ = make_package(tmp / "pkg_url")
+    rdf = yaml.safe_load((w.pkg_url / "rdf.yaml").read_text())
+    rdf["weights"]["torchscript"]["source"] = "https://example.org/weights.pt"
+    (w.pkg_url / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    w.pkg_axes, _ = make_package(tmp / "pkg_axes")
+    rdf = yaml.safe_load((w.pkg_axes / "rdf.yaml").read_text())
+    rdf["inputs"][0]["axes"].insert(2, {"type": "time", "size": 1})
+    rdf["outputs"][0]["axes"].insert(2, {"type": "time", "size": {"tensor_id": "raw", "axis_id": "time"}})
+    (w.pkg_axes / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    w.pkg_wrong_test, _ = make_package(tmp / "pkg_wrong_test", corrupt_test_output=True)
 
 
 # ---------------------------------------------------------------------------------------------- the cases
@@ -374,6 +398,19 @@ CASES: list[Case] = [
     # --- segmentation
     Case("segment-unknown-model-type", S, "segmenter file of unknown type (.h5)",
          lambda w: _segment(w, model=w.unknown_model), "model"),
+    Case("segment-package-without-rdf", S, "a bioimage.io package folder without rdf.yaml",
+         lambda w: _segment(w, model=w.pkg_no_rdf), "no rdf.yaml"),
+    Case("segment-package-unknown-version", S, "a package of an unknown format_version",
+         lambda w: _segment(w, model=w.pkg_version), "is not one exem reads"),
+    Case("segment-package-tensorflow-weights", S, "a package with TensorFlow weights only",
+         lambda w: _segment(w, model=w.pkg_tensorflow), "exem runs torchscript, onnx"),
+    Case("segment-package-time-axis", S, "a package whose axes include time",
+         lambda w: _segment(w, model=w.pkg_axes), "cannot be mapped onto a 3D volume"),
+    Case("segment-package-url", S, "a package whose weights are a URL",
+         lambda w: _segment(w, model=w.pkg_url), "download the package first"),
+    Case("segment-package-test-not-reproduced", S, "check=true on a package whose test output exem cannot reproduce",
+         lambda w: _segment(w, "check=true", "patch=null", model=w.pkg_wrong_test),
+         "does not reproduce the package's test output"),
     Case("segment-missing-input", S, "input does not exist",
          lambda w: _segment(w, input=w.missing), "no such file or directory", slow=True),
     Case("segment-patch-larger-than-volume", S, "patch deeper than the volume",
@@ -398,8 +435,29 @@ API_CASES = {
         X,
         "the output store fails with ENOSPC while blocks are written (in-process, Python API)",
         "No space left on device",
-    )
+    ),
+    "napari-layer-not-3d": (
+        "exem napari plugin",
+        "a napari layer that is not 3D, given to any widget (tests/test_napari.py runs the widgets)",
+        "exem works on 3D volumes",
+    ),
 }
+
+
+def napari_2d_layer_line() -> str:
+    """The napari widgets' message for a 2D layer (their one check, without a viewer)."""
+    from exem.napari.layers import check_3d
+
+    try:
+        check_3d(SimpleNamespace(name="slice", data=np.zeros((64, 48), np.uint8), rgb=False))
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("check_3d accepted a 2D layer")
+
+
+def test_napari_2d_layer_is_one_line() -> None:
+    line = napari_2d_layer_line()
+    assert line.count("\n") == 0 and API_CASES["napari-layer-not-3d"][2] in line
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -519,6 +577,10 @@ def test_bad_input_gives_one_line(case: Case, outcomes: dict[str, Outcome], worl
     assert sum(ln.startswith(f"{case.prog}: error:") for ln in o.stderr.splitlines()) == 1, report
     if case.watch is not None:
         assert o.before is not None and o.after == o.before, "an existing output was modified"
+    if case.prog == S:
+        assert not (world.tmp / "cases" / case.id / "seg.zarr").exists(), (
+            "a refused segmentation wrote its output"
+        )
     assert not world.payload_marker.exists(), "a pickled payload was executed"
 
 
@@ -618,10 +680,15 @@ def write_doc(path: Path = DOC) -> None:
             _, line, _ = failing_store_run(w, mp)
         finally:
             mp.undo()
+        how = {
+            "translate-failing-store": ("… (Python: a zarr store failing with ENOSPC)", line),
+            "napari-layer-not-3d": (
+                "widget … (a 2D layer named 'slice', shape (64, 48))",
+                napari_2d_layer_line(),
+            ),
+        }
         for case_id, (prog, problem, _) in API_CASES.items():
-            rows.append(
-                (case_id, problem, f"{prog} … (Python: a zarr store failing with ENOSPC)", _short(line, w))
-            )
+            rows.append((case_id, problem, f"{prog} {how[case_id][0]}", _short(how[case_id][1], w)))
     text = DOC_HEADER + "".join(f"| `{a}` | {_cell(b)} | {_code(c)} | {_code(d)} |\n" for a, b, c, d in rows)
     path.write_text(text)
 

@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from exem.analysis.instances import label_components, seeded_watershed
 from exem.analysis.segment import Segmenter, load_segmenter, read_sidecar, segment_volume
 from exem.data.grid import PatchGrid
-from exem.data.ome import write_ome_zarr
+from exem.data.ome import ome_attributes, write_ome_zarr
 from exem.inference.plan import default_overlap
 from tests.segmenters import BandSegmenter, Identity2, save_segmenters
 
@@ -143,8 +143,8 @@ def test_segment_volume_layout_resume_and_settings(tmp_path: Path, em: Path) -> 
     lab = root["labels/0"][...]
     assert lab.dtype == np.uint32 and lab.max() == res.num_objects
     assert np.array_equal(root["labels/1"][...], lab[:, ::2, ::2])
-    attrs = dict(root["labels"].attrs)
-    assert "image-label" in attrs
+    attrs = ome_attributes(root["labels"])
+    assert attrs["image-label"]["source"] == {"image": "../probabilities"}
     assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == list(VOXEL)
     ref, _ = ndi.label(prob[...] > 0.5)
     assert np.array_equal(lab, ref)  # blockwise (16 blocks) = scipy on the whole array

@@ -266,7 +266,7 @@ NAMES = {"exm_train", "em_train", "em_train_paired", "exm_test", "em_test", "lab
 
 
 def _mtimes(paths: dict[str, Path]) -> dict[str, int]:
-    return {k: (p / "0" / ".zarray").stat().st_mtime_ns for k, p in paths.items()}
+    return {k: (p / "0" / "zarr.json").stat().st_mtime_ns for k, p in paths.items()}
 
 
 def test_write_synthetic_dataset(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import zarr
 
-from exem.data.ome import downsample_inplane, write_ome_zarr
+from exem.data.ome import downsample_inplane, read_multiscales, write_ome_zarr
 from exem.data.volume import open_volume
 from exem.inference.blockio import DONE_DIR
 from exem.inference.plan import default_overlap, plan_blocks
@@ -99,9 +99,12 @@ def test_output_is_an_ome_zarr_pyramid(reference) -> None:
     assert level0.dtype == np.uint8 and level0.shape == SHAPE
     assert level1.shape == (20, 48, 40)
     np.testing.assert_array_equal(level1, downsample_inplane(level0))
-    attrs = dict(zarr.open_group(str(out), mode="r").attrs)
-    ms = attrs["multiscales"][0]
-    assert ms["version"] == "0.4" and ms["name"] == "virtual_em"
+    group = zarr.open_group(str(out), mode="r")
+    attrs = dict(group.attrs)
+    ms = read_multiscales(group)
+    assert (
+        attrs["ome"]["version"] == "0.5" and ms["name"] == "virtual_em"
+    )  # OME-Zarr 0.5 (Zarr v3) by default
     scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
     assert scales == [list(VOXEL), [40.0, 20.0, 20.0]]
     meta = attrs["exem"]
@@ -123,7 +126,7 @@ def test_roi_output_is_placed_in_the_input(generator, exm, tmp_path) -> None:
     out = tmp_path / "roi.zarr"
     result = translate_volume(generator, exm, out, roi=(4, 20, 32, 96, 0, 64), **KW)
     assert result.shape == (16, 64, 64)
-    ms = zarr.open_group(str(out), mode="r").attrs["multiscales"][0]
+    ms = read_multiscales(zarr.open_group(str(out), mode="r"))
     assert ms["datasets"][0]["coordinateTransformations"][1] == {
         "type": "translation",
         "translation": [160.0, 320.0, 0.0],

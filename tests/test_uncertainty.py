@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from exem.data.ome import write_ome_zarr
+from exem.data.ome import read_multiscales, write_ome_zarr
 from exem.inference.translate import translate_volume
 from exem.inference.uncertainty import D4, TTAStd, d4_transforms, default_uncertainty_path, reliability_map
 from exem.models import AnisotropicUNet3D
@@ -95,7 +95,7 @@ def test_reliability_map_next_to_a_finished_translation(exm: Path, tmp_path: Pat
     group = zarr.open_group(str(res.output), mode="r")
     std = group["0"][...]
     assert std.dtype == np.float16 and std.shape == (8, 64, 64) and group["1"].shape == (8, 32, 32)
-    assert group.attrs["exem"]["complete"] and group.attrs["multiscales"][0]["name"] == "virtual_em_std"
+    assert group.attrs["exem"]["complete"] and read_multiscales(group)["name"] == "virtual_em_std"
     assert float(std.mean()) > 0.01 and np.isfinite(std).all()
     # a pointwise generator is fully reliable
     flat = reliability_map(Pointwise(), exm, tmp_path / "p.ome.zarr", **KW)

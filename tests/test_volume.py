@@ -12,7 +12,7 @@ import tifffile
 import zarr
 
 from exem.data import Volume, VolumeError, normalize, open_volume
-from exem.data.ome import multiscales_metadata, write_ome_zarr
+from exem.data.ome import AXES, write_ome_zarr
 from exem.data.volume import open_volumes, sample_voxels
 
 SHAPE = (6, 40, 48)
@@ -70,8 +70,8 @@ def test_ome_zarr_05_micrometer_units(tmp_path: Path) -> None:
     group = zarr.open_group(str(tmp_path / "o5.zarr"), mode="w", zarr_format=3)
     arr = group.create_array("s0", shape=SHAPE, chunks=(2, 16, 16), dtype="uint8")
     arr[...] = ramp()
-    ms = copy.deepcopy(multiscales_metadata((0.04, 0.01, 0.01), [(1, 1, 1)]))  # its axes are shared
-    ms["datasets"][0]["path"] = "s0"
+    scale = {"type": "scale", "scale": [0.04, 0.01, 0.01]}  # as another writer puts it, in micrometres
+    ms = {"axes": copy.deepcopy(AXES), "datasets": [{"path": "s0", "coordinateTransformations": [scale]}]}
     for ax in ms["axes"]:
         ax["unit"] = "micrometer"
     group.attrs["ome"] = {"version": "0.5", "multiscales": [ms]}

@@ -1,7 +1,8 @@
-"""EM-trained segmentation models as exem runs them: TorchScript or ONNX files with optional sidecar options.
+"""EM-trained segmentation models as exem runs them: TorchScript or ONNX files with optional sidecar options, or
+bioimage.io model packages (:mod:`exem.bioimageio`).
 
-- :func:`load_segmenter`: a file → a :class:`Segmenter` (``(B, 1, Z, Y, X)`` in [0, 1] → channel 0 of the model's
-  output) and its sidecar options (:func:`read_sidecar`: ``<model>.yaml`` next to the file).
+- :func:`load_segmenter`: a file or package → a :class:`Segmenter` (``(B, 1, Z, Y, X)`` in [0, 1] → one channel
+  of the model's output) and its options (:func:`read_sidecar`: ``<model>.yaml`` next to the file).
 - :class:`OnnxModule`: an ONNX graph run by onnxruntime as a torch module.
 - :func:`as_segmenter`: a path, a :class:`Segmenter` or any module, as a :class:`Segmenter` with options.
 
@@ -36,6 +37,7 @@ __all__ = [
     "check_options",
     "find_sidecar",
     "load_segmenter",
+    "package_options",
     "read_sidecar",
     "resolve_options",
 ]
@@ -57,6 +59,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "batch_size": 4,
     "seed_erosion": 1,  # binary erosions of the watershed seed mask (kind=boundary)
     "min_size": 0,  # objects (foreground) or seeds (boundary) with fewer voxels are dropped
+    "channel": 0,  # the model's output channel used: an index, or a name for bioimage.io packages
 }
 OPTION_KEYS = (*DEFAULT_OPTIONS, "normalize", "percentiles")
 # onnxruntime log level: errors only.
@@ -125,24 +128,59 @@ class OnnxModule(nn.Module):
 
 
 class Segmenter(nn.Module):
-    """A segmentation network: ``(B, 1, Z, Y, X)`` float32 in [0, 1] → ``(B, 1, Z, Y, X)``, channel 0 of its output.
+    """A segmentation network: ``(B, 1, Z, Y, X)`` float32 in [0, 1] → ``(B, 1, Z, Y, X)``, one channel of its output.
 
     Args:
         net: the network (TorchScript module, :class:`OnnxModule`, or any module) returning ``(B, C, Z, Y, X)``.
         source: where it came from (a path, or the class name), for messages.
         model_format: ``torchscript`` | ``onnx`` | ``module``.
         fingerprint: identifies the weights (SHA-1 of the model file, or of the module's state).
+        channel: the output channel returned.
+        package: the :class:`~exem.bioimageio.package.PackageModel` of a bioimage.io package (``net`` is then its
+            :class:`~exem.bioimageio.processing.PackageNet`), else None.
 
     Raises (in forward):
         ValueError: the network fails on the input, or returns another shape than ``(B, C, Z, Y, X)``.
     """
 
-    def __init__(self, net: nn.Module, *, source: str, model_format: str, fingerprint: str) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        source: str,
+        model_format: str,
+        fingerprint: str,
+        channel: int = 0,
+        package: Any = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.source = source
         self.model_format = model_format
         self.fingerprint = fingerprint
+        self.channel = int(channel)
+        self.package = package
+
+    def with_channel(self, channel: int | str) -> Segmenter:
+        """The same network returning output channel ``channel`` (an index; a name for a package)."""
+        if self.package is not None:
+            index = self.package.channel_index(channel)
+        elif isinstance(channel, str) and not channel.lstrip("-").isdigit():
+            raise ValueError(
+                f"model {self.source}: channel {channel!r}: names need a bioimage.io package; give an index"
+            )
+        else:
+            index = int(channel)
+        if index < 0:
+            raise ValueError(f"model {self.source}: channel must be ≥ 0, got {index}")
+        return Segmenter(
+            self.net,
+            source=self.source,
+            model_format=self.model_format,
+            fingerprint=self.fingerprint,
+            channel=index,
+            package=self.package,
+        ).train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         try:
@@ -161,7 +199,11 @@ class Segmenter(nn.Module):
                 f"segmenter {self.source} returned {got} for an input of shape {tuple(x.shape)};"
                 " expected (B, C, Z, Y, X) with the input's B, Z, Y and X"
             )
-        return y[:, :1].float()
+        if self.channel >= y.shape[1]:
+            raise ValueError(
+                f"segmenter {self.source}: channel {self.channel} asked, the model returns {y.shape[1]} channel(s)"
+            )
+        return y[:, self.channel : self.channel + 1].float()
 
 
 def _file_sha1(path: Path) -> str:
@@ -209,6 +251,8 @@ def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
                 out[key] = list(triple(value, key))
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: {key} must be 3 integers [z, y, x], got {value!r}") from None
+        elif key == "channel":
+            out[key] = value if isinstance(value, str) and not value.lstrip("-").isdigit() else int(value)
         elif key in ("threshold", "sigma"):
             out[key] = float(value)
             if not math.isfinite(out[key]):
@@ -249,18 +293,25 @@ def load_segmenter(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
     """Load a segmentation model and its sidecar options.
 
     Args:
-        path: a TorchScript file (``.pt``, ``.ts``; loaded with ``torch.jit.load`` on the CPU) or an ONNX file
-            (``.onnx``; run by onnxruntime).
+        path: a TorchScript file (``.pt``, ``.ts``; loaded with ``torch.jit.load`` on the CPU), an ONNX file
+            (``.onnx``; run by onnxruntime), or a bioimage.io model package (folder, ``rdf.yaml`` or ``.zip``;
+            :func:`exem.bioimageio.package.open_package`).
 
     Returns:
-        ``(segmenter, options)``: the model as a :class:`Segmenter` in eval mode (fingerprint = SHA-1 of the file),
-        and the validated options of its sidecar (``{}`` without one).
+        ``(segmenter, options)``: the model as a :class:`Segmenter` in eval mode (fingerprint = SHA-1 of the file,
+        or of a package's description and weights), and the validated options of its sidecar (``{}`` without
+        one); a package whose chosen channel is named like a boundary suggests ``kind: boundary``.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: unknown model type (suffix), a file the loader rejects, or a bad sidecar.
+        PackageError: a package exem cannot run (:mod:`exem.bioimageio.package`).
     """
+    from exem.bioimageio.package import is_package
+
     p = Path(path).expanduser()
+    if is_package(p) and p.exists():
+        return _load_package(p)
     if not p.is_file():
         raise FileNotFoundError(f"model {p} does not exist" if not p.exists() else f"model {p} is not a file")
     suffix = p.suffix.lower()
@@ -282,6 +333,39 @@ def load_segmenter(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
         )
     segmenter = Segmenter(net, source=str(p), model_format=model_format, fingerprint=_file_sha1(p)).eval()
     return segmenter, read_sidecar(p)
+
+
+def _load_package(path: Path) -> tuple[Segmenter, dict[str, Any]]:
+    from exem.bioimageio.package import open_package
+    from exem.bioimageio.processing import load_package_net
+
+    package = open_package(path)
+    net = load_package_net(package)
+    segmenter = Segmenter(
+        net,
+        source=str(path),
+        model_format=f"bioimageio/{package.weights_format}",
+        fingerprint=package.fingerprint,
+        package=package,
+    ).eval()
+    log.info(
+        "bioimage.io model %r (format %s, %s weights, %s, output channels %s, halo %s)",
+        package.name,
+        package.format_version,
+        package.weights_format,
+        "2D, slice by slice" if package.is_2d else "3D",
+        ", ".join(package.channel_names),
+        list(package.halo3),
+    )
+    return segmenter, read_sidecar(path)
+
+
+def package_options(segmenter: Segmenter, channel: int | str) -> dict[str, Any]:
+    """Options a package suggests for ``channel``: ``kind: boundary`` for a channel named like a boundary."""
+    if segmenter.package is None:
+        return {}
+    name = segmenter.package.channel_names[segmenter.package.channel_index(channel)]
+    return {"kind": "boundary"} if "bound" in name.lower() or "membrane" in name.lower() else {}
 
 
 def resolve_options(explicit: Mapping[str, Any], sidecar: Mapping[str, Any]) -> dict[str, Any]:

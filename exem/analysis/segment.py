@@ -6,9 +6,10 @@ The network (:mod:`exem.analysis.em_models`) runs through the same core as trans
 Lightning Trainer), then its probability map is post-processed into instance labels
 (:mod:`exem.analysis.instances`).
 
-Output (one local folder, zarr format 2, NGFF 0.4)::
+Output (one local folder, OME-Zarr 0.5 on Zarr v3 by default, 0.4 on Zarr v2 with ``ngff_version="0.4"``)::
 
-    <output>/                 zarr group; attribute "exem": the settings, "complete", "num_objects"
+    <output>/                 zarr group; attribute "exem": the settings, "complete", "num_objects"; NGFF
+                              "labels": ["labels"] (so OME-Zarr readers opening <output> find the labels)
     <output>/probabilities/   OME-Zarr image, levels "0" and "1" (Y, X halved by 2×2 mean), float16: channel 0
                               of the model's output (foreground or boundary probability), blended
     <output>/labels/          OME-Zarr label image ("image-label" metadata), levels "0" and "1" (nearest
@@ -46,11 +47,14 @@ from exem.analysis.em_models import (
     check_options,
     find_sidecar,
     load_segmenter,
+    package_options,
     read_sidecar,
     resolve_options,
 )
 from exem.analysis.instances import CONNECTIVITY, check_watershed_size, label_components, seeded_watershed
+from exem.bioimageio.processing import full_range, reproduce_or_fail
 from exem.checks import one_of, triple
+from exem.data.ome import create_group, is_group, ngff_version_of, write_image_label
 from exem.data.volume import Volume
 from exem.inference.engine import run_blockwise
 from exem.inference.job import open_input, plan_job
@@ -63,7 +67,7 @@ from exem.inference.output import (
     remove_output,
     update_record,
 )
-from exem.inference.plan import BlockPlan, align_block, resolve_region
+from exem.inference.plan import BlockPlan, align_block, default_overlap, resolve_region
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -84,8 +88,9 @@ PROBABILITY_DTYPES = ("float16", "float32")
 PROBABILITIES = "probabilities"
 LABELS = "labels"
 TASK = "segment"
-# Default patch (z, y, x) voxels, capped by the volume.
+# Default patch (z, y, x) voxels, capped by the volume (for a 2D bioimage.io model: Z slices per patch).
 DEFAULT_PATCH = (16, 256, 256)
+DEFAULT_PATCH_2D = (8, 256, 256)
 # Post-processing blocks (z, y, x) of the blockwise connected components; rounded up to whole output chunks.
 DEFAULT_LABEL_BLOCK = (32, 512, 512)
 # The boundary watershed runs in memory: at most this many voxels (~4 GiB of RAM) unless raised.
@@ -130,16 +135,25 @@ class SegmentResult:
     blocks_done: int
     blocks_skipped: int
     already_complete: bool = False
+    check: Mapping[str, Any] | None = None
 
     def summary(self, prog: str = "segment") -> str:
-        """One line as ``exem-segment`` prints it."""
+        """One line as ``exem-segment`` prints it (a second with ``check=True``'s result)."""
         z, y, x = self.shape
         what = "already complete, nothing computed" if self.already_complete else f"{self.seconds:.1f} s"
-        return (
+        line = (
             f"{prog}: {z}×{y}×{x} voxels ({what}), {self.num_objects} objects"
             f" ({self.kind}, threshold {self.threshold:g}) → {self.output}"
             f" (labels: {self.labels.name}/, probabilities: {self.probabilities.name}/)"
         )
+        if self.check is not None:
+            tol = self.check["tolerance"]
+            line += (
+                f"\n{prog}: the package's test output reproduced: max |Δ| {self.check['max_abs_error']:.3g},"
+                f" {self.check['mismatched_ppm']:.3g} ppm beyond {tol['absolute']:g} + {tol['relative']:g}·|expected|"
+                f" (allowed {tol['mismatched_ppm']:g} ppm)"
+            )
+        return line
 
 
 def _prepare(
@@ -150,24 +164,43 @@ def _prepare(
     voxel_size_nm: tuple[float, float, float],
     attributes: dict,
 ) -> None:
-    """Create the output group and its probability image (global rank 0, inside the Lightning run)."""
+    """Create the output group and its probability image (global rank 0, inside the Lightning run), in the
+    record's NGFF version."""
+    version = attributes["ngff_version"]
     if action == "overwrite":
         remove_output(out)
     if action in ("create", "overwrite"):
         out.mkdir(parents=True, exist_ok=True)
-        zarr.open_group(str(out), mode="w", zarr_format=2).attrs["exem"] = attributes
-    if not (out / PROBABILITIES / ".zgroup").exists():  # also after a kill between the two creations
-        create_image(out / PROBABILITIES, plan, dtype, voxel_size_nm, attributes, name=PROBABILITIES)
+        create_group(out, version).attrs["exem"] = attributes
+    if not is_group(out / PROBABILITIES):  # also after a kill between the two creations
+        create_image(
+            out / PROBABILITIES,
+            plan,
+            dtype,
+            voxel_size_nm,
+            attributes,
+            name=PROBABILITIES,
+            ngff_version=version,
+        )
 
 
 def _create_labels(
     root: Path, plan: BlockPlan, voxel_size_nm: tuple[float, float, float]
 ) -> list[zarr.Array]:
-    """(Re)create the NGFF label image ``<root>/labels``; returns its level arrays."""
+    """(Re)create the NGFF label image ``<root>/labels`` (the root's format; listed in the root's ``labels``, its
+    source ``../probabilities``; no colours: instance ids); returns its level arrays."""
+    parent = zarr.open_group(str(root), mode="r+")
     group = create_image(
-        root / LABELS, plan, "uint32", voxel_size_nm, {"task": "labels"}, name=LABELS, replace=True
+        root / LABELS,
+        plan,
+        "uint32",
+        voxel_size_nm,
+        {"task": "labels"},
+        name=LABELS,
+        replace=True,
+        ngff_version=ngff_version_of(parent),
     )
-    group.attrs["image-label"] = {"version": "0.4", "source": {"image": f"../{PROBABILITIES}"}}
+    write_image_label(group, parent=parent, source_image=f"../{PROBABILITIES}")
     return [group[str(lvl)] for lvl in range(plan.levels)]  # type: ignore[misc]
 
 
@@ -190,6 +223,8 @@ def segment_volume(
     batch_size: int | None = None,
     seed_erosion: int | None = None,
     min_size: int | None = None,
+    channel: int | str | None = None,
+    check: bool = False,
     options: Mapping[str, Any] | None = None,
     dtype: str = "float16",
     overwrite: bool = False,
@@ -203,12 +238,16 @@ def segment_volume(
     trainer: L.Trainer | None = None,
     autocast_dtype: str | None = None,
     progress: bool = True,
+    ngff_version: str = "0.5",
+    shards: Sequence[int] | None = None,
 ) -> SegmentResult:
     """Segment a whole (virtual) EM volume (or an ROI) with an EM-trained network; write probabilities and labels.
 
     Args:
-        model: a TorchScript (``.pt``/``.ts``) or ONNX (``.onnx``) file (its sidecar options apply), a
-            :class:`Segmenter` from :func:`load_segmenter`, or any module ``(B, 1, Z, Y, X)`` → ``(B, C, Z, Y, X)``.
+        model: a TorchScript (``.pt``/``.ts``) or ONNX (``.onnx``) file (its sidecar options apply), a bioimage.io
+            model package (folder, ``rdf.yaml`` or ``.zip``: its preprocessing with statistics of the whole volume,
+            valid patch sizes, halo), a :class:`Segmenter` from :func:`load_segmenter`, or any module
+            ``(B, 1, Z, Y, X)`` → ``(B, C, Z, Y, X)``.
         input: a Zarr / OME-Zarr / TIFF path, a :class:`~exem.data.volume.Volume` or a numpy array.
         output: local folder written (layout in the module docstring). A complete output with the same settings is
             left as it is (nothing is computed); an incomplete one is resumed; other settings or a foreign folder
@@ -220,6 +259,10 @@ def segment_volume(
         patch, overlap, sigma, batch_size: the engine's patch grid (voxels), Gaussian window, patches per call.
         seed_erosion: erosions of the watershed seed mask (kind=boundary).
         min_size: objects (foreground) or seeds (boundary) with fewer voxels are dropped.
+        channel: the model's output channel (index; or name, for a package; default 0). A package channel named
+            like a boundary makes ``kind`` default to ``boundary``.
+        check: run a package's test input through exem's path and compare with its test output (within the
+            package's tolerance) before anything is written; the result is in :attr:`SegmentResult.check`.
         options: sidecar-level options (:data:`OPTION_KEYS`) for a module ``model``, or over a file's sidecar.
             ``None`` arguments take the sidecar's value, else :data:`DEFAULT_OPTIONS` (patch: (16, 256, 256)
             capped by the volume).
@@ -235,6 +278,9 @@ def segment_volume(
         trainer: a Lightning Trainer (e.g. DDP); None → one device, chosen automatically.
         autocast_dtype: ``bfloat16``/``float16`` autocast for the network (GPU); None → float32.
         progress: rich progress bars on stderr.
+        ngff_version: ``"0.5"`` (OME-Zarr 0.5 on Zarr v3) or ``"0.4"`` (Zarr v2) for the whole output.
+        shards: (z, y, x) voxels per shard file of the probabilities and labels (Zarr v3 sharding, whole chunks;
+            engine blocks then follow whole shards); None: one file per chunk.
 
     Returns:
         a :class:`SegmentResult` (every rank; post-processing runs on global rank 0).
@@ -250,6 +296,7 @@ def segment_volume(
     if options:
         sidecar = {**sidecar, **check_options(options, "options")}
     explicit = {
+        "channel": channel,
         "kind": kind,
         "threshold": threshold,
         "normalize": normalize,
@@ -261,36 +308,68 @@ def segment_volume(
         "seed_erosion": seed_erosion,
         "min_size": min_size,
     }
+    chosen = channel if channel is not None else sidecar.get("channel", 0)
+    sidecar = {**package_options(segmenter, chosen), **sidecar}
     opts = resolve_options(explicit, sidecar)
-    volume = open_input(input, input_level, opts["normalize"], opts["percentiles"])
-    if opts["patch"] is None:
-        region = resolve_region(volume.shape, roi, (1, 1, 1))
-        extent = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
+    segmenter = segmenter.with_channel(opts["channel"])
+    package, overlap, statistics, checked = segmenter.package, opts["overlap"], None, None
+    if package is None:
+        if check:
+            raise ValueError(
+                f"check=true needs a bioimage.io package (with test tensors); {segmenter.source} is not one"
+            )
+        volume = open_input(input, input_level, opts["normalize"], opts["percentiles"])
+    else:
+        if opts["normalize"] is not None or opts["percentiles"] is not None:
+            raise ValueError(
+                f"model {segmenter.source}: normalize/percentiles do not apply to a bioimage.io package"
+                " (its preprocessing normalises, with statistics of the whole volume)"
+            )
+        checked = reproduce_or_fail(segmenter.net) if check else None
+        volume = open_input(input, input_level, (0.0, 1.0))  # the raw range is set from the data next
+        volume = open_input(volume, intensity_range=full_range(volume))
+        statistics = segmenter.net.fit_volume(volume)
+    region = resolve_region(volume.shape, roi, (1, 1, 1))
+    extent = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
+    if opts["patch"] is None and package is not None:
+        patch3 = package.default_patch(extent, DEFAULT_PATCH_2D if package.is_2d else DEFAULT_PATCH)
+    elif opts["patch"] is None:
         patch3 = tuple(min(p, s) for p, s in zip(DEFAULT_PATCH, extent, strict=True))
     else:
         patch3 = triple(opts["patch"], "patch")
+        if package is not None:
+            package.check_patch(patch3)
+    if package is not None and overlap is None:
+        overlap = package.default_overlap(patch3, default_overlap(patch3))
     job = plan_job(
         segmenter,
         volume,
         input,
         patch=patch3,
-        overlap=opts["overlap"],
+        overlap=overlap,
         roi=roi,
         chunks=chunks,
         block_shape=block_shape,
         trainer=trainer,
+        ngff_version=ngff_version,
+        shards=shards,
     )
     plan = job.plan
     shape = plan.shape
     assert plan.chunks is not None
-    lblock = align_block(shape, plan.chunks, plan.levels, label_block, "label_block")
+    lblock = align_block(shape, plan.chunks, plan.levels, label_block, "label_block", shards=plan.shards)
     if opts["kind"] == "boundary":
         check_watershed_size(shape, int(max_watershed_voxels))  # before any compute
     record = job.record(
         sigma=float(opts["sigma"]),
         dtype=dtype,
         autocast_dtype=autocast_dtype,
-        model={"format": segmenter.model_format, "fingerprint": segmenter.fingerprint},
+        model={
+            "format": segmenter.model_format,
+            "fingerprint": segmenter.fingerprint,
+            "channel": segmenter.channel,
+            "statistics": statistics,
+        },
         kind=opts["kind"],
         threshold=float(opts["threshold"]),
         seed_erosion=int(opts["seed_erosion"]),
@@ -321,6 +400,7 @@ def segment_volume(
             blocks_done=done,
             blocks_skipped=skipped,
             already_complete=complete,
+            check=checked,
         )
 
     if action == "complete":
@@ -349,6 +429,7 @@ def segment_volume(
             autocast_dtype=autocast_dtype,
             prepare=functools.partial(_prepare, out, action, plan, dtype, job.voxel_size_nm, attributes),
             progress=progress,
+            halo=package.halo3 if package is not None else (0, 0, 0),
         )
         done, skipped, rank = run.blocks_done, run.blocks_skipped, run.global_rank
     if rank != 0:

@@ -1,40 +1,168 @@
-"""Minimal OME-Zarr (NGFF 0.4) reading and writing: the only place that knows the multiscale metadata layout.
+"""OME-Zarr reading and writing: the only place that knows the on-disk layout and the multiscale metadata.
 
-We write NGFF 0.4 (zarr format 2), the version that napari-ome-zarr, neuroglancer and Fiji all open; we read
-0.4 (``.zattrs["multiscales"]``) and 0.5 (zarr format 3, ``attributes["ome"]["multiscales"]``).
+exem writes OME-Zarr 0.5 on Zarr format 3 (``zarr.json``; the NGFF metadata under the ``"ome"`` attribute) by
+default, and 0.4 on Zarr format 2 (``.zgroup``/``.zarray``/``.zattrs``) with ``ngff_version="0.4"``. The arrays are
+created here and written by exem itself (blockwise, resumable); the NGFF metadata (``multiscales``, ``image-label``,
+``labels``) is written onto them by ome-zarr-py (:mod:`ome_zarr.writer`, imported only when writing: importing it
+costs about a second). Every chunk is compressed with Blosc LZ4, level 5, byte shuffle (what zarr-python writes by
+default for Zarr v2, kept for v3). Zarr v3 arrays may be sharded (``shards``: many chunks per file). Reading (both
+versions, and any other writer's 0.4/0.5) is a dictionary lookup here, without ome-zarr-py.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 
+from exem.checks import one_of
+
 log = logging.getLogger(__name__)
 
+# The NGFF versions exem writes, and the Zarr format each lives on.
+NGFF_VERSIONS = ("0.4", "0.5")
+DEFAULT_NGFF_VERSION = "0.5"
+ZARR_FORMATS = {"0.4": 2, "0.5": 3}
+# The chunk compressor of every array written: Blosc LZ4 level 5 with byte shuffle (zarr-python's v2 default).
+BLOSC = {"cname": "lz4", "clevel": 5}
 AXES = [
     {"name": "z", "type": "space", "unit": "nanometer"},
     {"name": "y", "type": "space", "unit": "nanometer"},
     {"name": "x", "type": "space", "unit": "nanometer"},
 ]
+# Distinct RGBA colours for label images with few named labels (cycled); 0 = background is transparent.
+LABEL_PALETTE = (
+    (230, 25, 75, 255),
+    (60, 180, 75, 255),
+    (255, 225, 25, 255),
+    (0, 130, 200, 255),
+    (245, 130, 48, 255),
+    (145, 30, 180, 255),
+    (70, 240, 240, 255),
+    (240, 50, 230, 255),
+)
+SHARDS_NEED_V3 = "shards need Zarr v3: use ngff_version 0.5 (or shards null)"
 
 
-def multiscales_metadata(
-    voxel_size_nm: Sequence[float], factors: Sequence[Sequence[int]], name: str = "image"
-) -> dict:
-    """NGFF 0.4 ``multiscales`` entry for levels ``"0", "1", ...``.
+def check_ngff_version(version: str | float) -> str:
+    """``"0.4"`` or ``"0.5"`` (a YAML float such as ``0.5`` is accepted).
 
-    ``factors[i]`` is the cumulative downsampling factor (z, y, x) of level i relative to level 0.
+    Raises:
+        ValueError: any other value (one line).
     """
+    return one_of(str(version).strip(), NGFF_VERSIONS, "ngff_version")
+
+
+def check_shards(shards: Sequence[int] | None, ngff_version: str | float) -> tuple[int, int, int] | None:
+    """``shards`` as (z, y, x) positive voxels, or None (no sharding); sharding needs Zarr v3 (NGFF 0.5).
+
+    Raises:
+        ValueError: not three positive integers, or shards with NGFF 0.4 (one line).
+    """
+    if shards is None:
+        return None
+    if check_ngff_version(ngff_version) != "0.5":
+        raise ValueError(SHARDS_NEED_V3)
+    try:
+        out = tuple(int(s) for s in shards)
+    except (TypeError, ValueError):
+        raise ValueError(f"shards must be 3 positive integers (z, y, x) or null, got {shards!r}") from None
+    if len(out) != 3 or min(out) < 1:
+        raise ValueError(f"shards must be 3 positive integers (z, y, x) or null, got {list(out)}")
+    return out  # type: ignore[return-value]
+
+
+def _ngff_format(version: str) -> Any:
+    from ome_zarr.format import FormatV04, FormatV05
+
+    return FormatV05() if check_ngff_version(version) == "0.5" else FormatV04()
+
+
+def _writer() -> Any:
+    """:mod:`ome_zarr.writer`, imported without the DeprecationWarning its own defaults raise (nothing to act on)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import ome_zarr.writer
+
+    return ome_zarr.writer
+
+
+def _compressor(zarr_format: int) -> Any:
+    if zarr_format == 2:
+        from numcodecs import Blosc
+
+        return Blosc(shuffle=Blosc.SHUFFLE, **BLOSC)
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(shuffle="shuffle", **BLOSC)
+
+
+def is_group(path: str | Path) -> bool:
+    """Whether ``path`` is a local Zarr group, of format 2 (``.zgroup``) or 3 (``zarr.json`` of a group)."""
+    p = Path(path)
+    if (p / ".zgroup").is_file():
+        return True
+    try:
+        meta = json.loads((p / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("node_type") == "group"
+
+
+def ngff_version_of(group: zarr.Group) -> str:
+    """The NGFF version exem writes into an existing group: ``"0.5"`` on Zarr v3, ``"0.4"`` on Zarr v2."""
+    return "0.5" if group.metadata.zarr_format == 3 else "0.4"
+
+
+def create_group(path: str | Path, ngff_version: str | float = DEFAULT_NGFF_VERSION) -> zarr.Group:
+    """A new, empty Zarr group at ``path`` (replacing one there) in the format of ``ngff_version``."""
+    return zarr.open_group(str(path), mode="w", zarr_format=ZARR_FORMATS[check_ngff_version(ngff_version)])
+
+
+def level_layout(
+    shape: Sequence[int], factor: Sequence[int], chunks: Sequence[int], shards: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None]:
+    """(shape, chunks, shards) of the pyramid level downsampled by ``factor`` (z, y, x) from a level-0 ``shape``.
+
+    The level's shape is ``shape / factor`` rounded up; its chunks are ``chunks`` capped by that shape; its shards
+    cover the same region as the level-0 ``shards`` (``shards / factor``), rounded up to whole chunks of the level
+    and capped by the level's shape rounded up to whole chunks (so shards are always whole chunks). Voxels.
+    """
+    lshape = tuple(_ceil_div(s, f) for s, f in zip(shape, factor, strict=True))
+    lchunks = tuple(min(int(c), s) for c, s in zip(chunks, lshape, strict=True))
+    if shards is None:
+        return lshape, lchunks, None
+    lshards = tuple(
+        min(_ceil_div(_ceil_div(h, f), c) * c, _ceil_div(s, c) * c)
+        for h, f, c, s in zip(shards, factor, lchunks, lshape, strict=True)
+    )
+    return lshape, lchunks, lshards
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def datasets_metadata(
+    voxel_size_nm: Sequence[float], factors: Sequence[Sequence[int]], origin_nm: Sequence[float] | None = None
+) -> list[dict]:
+    """The ``datasets`` of a multiscales entry: level i at path ``"i"``, scale = voxel size × ``factors[i]`` (nm),
+    then, when ``origin_nm`` is given, a translation by it (nm: where the region lies in its input)."""
     datasets = []
     for i, f in enumerate(factors):
         scale = [float(v) * int(k) for v, k in zip(voxel_size_nm, f, strict=True)]
-        datasets.append({"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
-    return {"version": "0.4", "name": name, "axes": copy.deepcopy(AXES), "datasets": datasets}
+        transforms: list[dict] = [{"type": "scale", "scale": scale}]
+        if origin_nm is not None:
+            transforms.append({"type": "translation", "translation": [float(o) for o in origin_nm]})
+        datasets.append({"path": str(i), "coordinateTransformations": transforms})
+    return datasets
 
 
 def create_ome_zarr(
@@ -48,21 +176,111 @@ def create_ome_zarr(
     name: str = "image",
     overwrite: bool = False,
     attributes: dict | None = None,
+    ngff_version: str | float = DEFAULT_NGFF_VERSION,
+    shards: Sequence[int] | None = None,
+    origin_nm: Sequence[float] | None = None,
 ) -> zarr.Group:
-    """Create an empty OME-Zarr group with one array per level (level i is ``shape // factors[i]``, rounded up).
+    """Create an empty OME-Zarr image: one array per level (level i is ``shape / factors[i]``, rounded up).
 
-    Returns the group; arrays are ``group["0"]``, ``group["1"]``, ...
+    Args:
+        path: the image folder (must not exist unless ``overwrite``).
+        shape: level-0 (Z, Y, X) voxels; ``dtype``: of every level.
+        voxel_size_nm: level-0 (z, y, x) nm.
+        chunks: level-0 chunk (z, y, x) voxels (capped by each level's shape).
+        factors: the cumulative downsampling factor (z, y, x) of each level relative to level 0.
+        name: the multiscales name.
+        overwrite: replace what is at ``path``.
+        attributes: more group attributes (e.g. exem's record ``{"exem": {...}}``), beside the NGFF ones.
+        ngff_version: ``"0.5"`` (Zarr v3) or ``"0.4"`` (Zarr v2).
+        shards: level-0 shard (z, y, x) voxels (Zarr v3 only; see :func:`level_layout`); None: one file per chunk.
+        origin_nm: (z, y, x) nm translation of the image (an ROI's place in its input); None: none.
+
+    Returns:
+        the group; its arrays are ``group["0"]``, ``group["1"]``, …
+
+    Raises:
+        ValueError: unknown ``ngff_version``, bad ``shards`` or shards with 0.4 (one line).
     """
-    group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=2)
+    version = check_ngff_version(ngff_version)
+    shards = check_shards(shards, version)
+    fmt = _ngff_format(version)
+    group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=fmt.zarr_format)
+    extra: dict[str, Any] = {"dimension_names": [a["name"] for a in AXES]} if fmt.zarr_format == 3 else {}
     for i, f in enumerate(factors):
-        lshape = tuple(-(-int(s) // int(k)) for s, k in zip(shape, f, strict=True))
-        lchunks = tuple(min(int(c), s) for c, s in zip(chunks, lshape, strict=True))
-        group.create_array(str(i), shape=lshape, chunks=lchunks, dtype=dtype, fill_value=0)
-    attrs = {"multiscales": [multiscales_metadata(voxel_size_nm, factors, name)]}
+        lshape, lchunks, lshards = level_layout(shape, f, chunks, shards)
+        group.create_array(
+            str(i),
+            shape=lshape,
+            chunks=lchunks,
+            shards=lshards,
+            dtype=dtype,
+            fill_value=0,
+            compressors=_compressor(fmt.zarr_format),
+            chunk_key_encoding=fmt.chunk_key_encoding,
+            **extra,
+        )
+    _writer().write_multiscales_metadata(
+        group,
+        datasets_metadata(voxel_size_nm, factors, origin_nm),
+        fmt=fmt,
+        axes=copy.deepcopy(AXES),
+        name=name,
+    )
     if attributes:
-        attrs.update(attributes)
-    group.attrs.update(attrs)
+        group.attrs.update(attributes)
     return group
+
+
+def label_colors(label_names: Mapping[int, str]) -> tuple[list[dict], list[dict]]:
+    """NGFF ``colors`` and ``properties`` of a few named labels: 0 transparent, the others from
+    :data:`LABEL_PALETTE` in increasing order; each label's property ``name``."""
+    colors, properties = [], []
+    values = sorted(int(k) for k in label_names)
+    for value in values:
+        i = values.index(value) - (0 in values)  # the first non-zero label takes the palette's first colour
+        rgba = (0, 0, 0, 0) if value == 0 else LABEL_PALETTE[i % len(LABEL_PALETTE)]
+        colors.append({"label-value": value, "rgba": list(rgba)})
+        properties.append({"label-value": value, "name": str(label_names[value])})
+    return colors, properties
+
+
+def write_image_label(
+    group: zarr.Group,
+    *,
+    parent: zarr.Group | None = None,
+    source_image: str | None = None,
+    label_names: Mapping[int, str] | None = None,
+) -> None:
+    """Make the OME-Zarr image ``group`` an NGFF label image (``image-label`` metadata, by ome-zarr-py).
+
+    Args:
+        group: an image made by :func:`create_ome_zarr` (integer labels, nearest-neighbour levels).
+        parent: the group holding it as a direct child: its ``labels`` list names it (once), so readers that open
+            ``parent`` find the labels (ome-zarr-py's ``write_label_metadata``). None: a stand-alone label image.
+        source_image: path of the image it labels, relative to ``group`` (e.g. ``"../probabilities"``).
+        label_names: a few known label values → names: they get ``colors`` (:func:`label_colors`) and
+            ``properties``. None (instance ids: millions, unknown in advance): no colours, so that viewers use
+            their own cycling colour maps (napari shows only the listed values of a partial list).
+    """
+    writer = _writer()
+    fmt = _ngff_format(ngff_version_of(group))
+    colors, properties = label_colors(label_names) if label_names else (None, None)
+    source = {"source": {"image": source_image}} if source_image is not None else {}
+    if parent is None:
+        meta: dict[str, Any] = {**source, "version": fmt.version}
+        if colors:
+            meta.update(colors=colors, properties=properties)
+        writer.add_metadata(group, {"image-label": meta}, fmt=fmt)
+        return
+    name = group.basename or Path(group.store.root).name  # a group opened at its own folder has no path
+    if name not in parent:
+        raise ValueError(f"write_image_label: {name!r} is not a member of the parent group")
+    listed = [n for n in writer.get_metadata(parent).get("labels", []) if n != name]
+    extra = {"version": fmt.version} if fmt.zarr_format == 3 else {}
+    writer.add_metadata(
+        parent, {"labels": listed, **extra}, fmt=fmt
+    )  # then ome-zarr-py appends the name once
+    writer.write_label_metadata(parent, name, colors=colors, properties=properties, fmt=fmt, **source)
 
 
 def write_ome_zarr(
@@ -76,11 +294,14 @@ def write_ome_zarr(
     overwrite: bool = False,
     attributes: dict | None = None,
     labels: bool = False,
+    label_names: Mapping[int, str] | None = None,
+    ngff_version: str | float = DEFAULT_NGFF_VERSION,
 ) -> Path:
-    """Write a whole in-memory ``(Z, Y, X)`` array as an OME-Zarr pyramid.
+    """Write a whole in-memory ``(Z, Y, X)`` array as an OME-Zarr pyramid (``ngff_version`` 0.5 or 0.4).
 
     Levels beyond the first halve Y and X only (ExM/EM volumes are anisotropic: Z is already coarse): images by
-    2x2 mean, label volumes (``labels=True``) by nearest subsampling so that ids are never averaged.
+    2x2 mean, label volumes (``labels=True``) by nearest subsampling so that ids are never averaged; a label
+    volume is an NGFF label image (:func:`write_image_label`; ``label_names`` give a few labels colours).
     """
     if array.ndim != 3:
         raise ValueError(f"write_ome_zarr expects a 3D (Z, Y, X) array, got shape {array.shape}")
@@ -95,7 +316,10 @@ def write_ome_zarr(
         name=name,
         overwrite=overwrite,
         attributes=attributes,
+        ngff_version=ngff_version,
     )
+    if labels:
+        write_image_label(group, label_names=label_names)
     level = array
     for i in range(levels):
         group[str(i)][...] = level
@@ -136,12 +360,16 @@ def downsample_inplane(array: np.ndarray) -> np.ndarray:
     return total.astype(array.dtype)
 
 
+def ome_attributes(group: zarr.Group) -> dict:
+    """The NGFF attributes of a group: ``attributes["ome"]`` (0.5, Zarr v3), else the attributes (0.4)."""
+    attrs = dict(group.attrs)
+    ome = attrs.get("ome")
+    return dict(ome) if isinstance(ome, dict) else attrs
+
+
 def read_multiscales(group: zarr.Group) -> dict | None:
     """The first ``multiscales`` entry of an OME-Zarr group (NGFF 0.4 or 0.5), or None if it is not OME-Zarr."""
-    attrs = dict(group.attrs)
-    if "ome" in attrs and isinstance(attrs["ome"], dict):
-        attrs = attrs["ome"]
-    ms = attrs.get("multiscales")
+    ms = ome_attributes(group).get("multiscales")
     if not ms:
         return None
     return ms[0]

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from exem.data.ome import read_multiscales, write_ome_zarr
+from exem.data.ome import DEFAULT_NGFF_VERSION, read_multiscales, write_ome_zarr
 from exem.data.phantom import (
     SEMANTIC_CLASSES,
     Phantom,
@@ -137,8 +137,9 @@ def write_synthetic_dataset(
     *,
     levels: int = 2,
     chunks: Sequence[int] = (16, 128, 128),
+    ngff_version: str = DEFAULT_NGFF_VERSION,
 ) -> dict[str, Path]:
-    """Write a synthetic ExM/EM dataset as OME-Zarr (NGFF 0.4) groups under ``out_dir``.
+    """Write a synthetic ExM/EM dataset as OME-Zarr groups (0.5 on Zarr v3 by default) under ``out_dir``.
 
     Outputs (name → ``out_dir/<name>.zarr``):
 
@@ -147,14 +148,14 @@ def write_synthetic_dataset(
     - ``em_train_paired``: EM rendering of phantom ``seeds["lm"]`` (the paired truth of ``exm_train``, for
       validation metrics);
     - ``exm_test``, ``em_test``: both renderings of the held-out phantom ``seeds["test"]``;
-    - ``labels_test``: its semantic labels (uint8, see :data:`SEMANTIC_CLASSES`); ``mito_test``: its
-      mitochondria instance ids (uint32).
+    - ``labels_test``: its semantic labels (uint8, see :data:`SEMANTIC_CLASSES`; an NGFF label image with a
+      colour and a name per class); ``mito_test``: its mitochondria instance ids (uint32, a label image).
 
     Each group has ``levels`` in-plane 2x pyramid levels ``"0", "1", ...``, the voxel size in its multiscales
     metadata and an ``exem_synthetic`` attribute ``{"seed", "kind": "exm"|"em"|"labels", "shape", ...}``.
     Outputs that already exist with the same settings are reused (only missing ones are written) unless
-    ``overwrite``; an existing output with other settings raises FileExistsError. Groups are written to a
-    temporary name and renamed, so an interrupted run leaves no half-written output.
+    ``overwrite`` (whatever their NGFF version); an existing output with other settings raises FileExistsError.
+    Groups are written to a temporary name and renamed, so an interrupted run leaves no half-written output.
 
     Args:
         out_dir: folder to write into (created if needed).
@@ -164,6 +165,7 @@ def write_synthetic_dataset(
         overwrite: regenerate everything even if present.
         levels: number of pyramid levels.
         chunks: chunk shape ``(z, y, x)``, clipped to the volume.
+        ngff_version: ``"0.5"`` (Zarr v3) or ``"0.4"`` (Zarr v2) for the outputs written.
 
     Returns:
         output name → path of its ``.zarr`` group.
@@ -223,7 +225,9 @@ def write_synthetic_dataset(
             log.info("generating synthetic phantom seed=%d shape=%s voxel=%s nm", seed, shape, vs)
             phantoms[seed] = make_phantom(shape, seed=seed, voxel_size_nm=vs)
         array = _content(what, phantoms[seed], seed)
-        _write_atomic(paths[name], array, vs, chunks, levels, expected[name], overwrite or name in replace)
+        _write_atomic(
+            paths[name], array, vs, chunks, levels, expected[name], overwrite or name in replace, ngff_version
+        )
     return paths
 
 
@@ -235,10 +239,12 @@ def _write_atomic(
     levels: int,
     meta: dict,
     overwrite: bool,
+    ngff_version: str = DEFAULT_NGFF_VERSION,
 ) -> None:
     """Write an OME-Zarr group under a temporary name, then rename it to ``path``.
 
-    Label volumes get their coarser levels by in-plane subsampling (label ids must not be averaged).
+    Label volumes are NGFF label images whose coarser levels are in-plane subsamples (label ids must not be
+    averaged); the semantic classes get a colour and a name each.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -251,6 +257,8 @@ def _write_atomic(
             name=path.stem,
             attributes={"exem_synthetic": meta},
             labels=meta["kind"] == "labels",
+            label_names=SEMANTIC_CLASSES if meta["content"] == "semantic" else None,
+            ngff_version=ngff_version,
         )
         if path.exists() and overwrite:
             shutil.rmtree(path)

@@ -5,7 +5,8 @@
 - Writing: :class:`BlockWriter` (a ``BasePredictionWriter``) writes each block, and its in-plane 2× pyramid
   levels, on a background thread and only then creates the block's done-markers
   ``<output>/.exem_done/<level>/<block-id>`` (atomically). A rerun skips blocks whose markers all exist
-  (:func:`done_blocks`).
+  (:func:`done_blocks`). In a sharded output (Zarr v3) chunk rows are gathered into whole shard rows first: writing
+  part of a shard rewrites the shard file, so each shard is written once, by one writer.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def open_levels(root: Path, levels: int) -> list[zarr.Array]:
 
 
 def check_output_levels(arrays: Sequence[zarr.Array], plan: BlockPlan, root: Path, out_dtype: str) -> None:
-    """The output arrays must have the region's shape per level, ``out_dtype`` and chunks aligned with the blocks."""
+    """The output arrays must have the region's shape per level, ``out_dtype`` and chunks (shards, when sharded)
+    aligned with the blocks: no two blocks may write into one chunk or shard file."""
     for lvl, arr in enumerate(arrays):
         if np.dtype(arr.dtype) != np.dtype(out_dtype):
             raise ValueError(f"{root}: level {lvl} has dtype {arr.dtype}, expected {out_dtype}")
@@ -154,13 +156,15 @@ def check_output_levels(arrays: Sequence[zarr.Array], plan: BlockPlan, root: Pat
             raise ValueError(
                 f"{root}: level {lvl} has shape {tuple(arr.shape)}, expected (C,) {fmt_voxels(want)}"
             )
-        chunks = tuple(arr.chunks[-3:])
+        shards = getattr(arr, "shards", None)
+        what = "shards" if shards else "chunks"
+        files = tuple((shards or arr.chunks)[-3:])
         for ax in range(3):
-            step = chunks[ax] * f[ax]
+            step = files[ax] * f[ax]
             if plan.block_shape[ax] % step and plan.block_shape[ax] < plan.shape[ax]:
                 raise ValueError(
-                    f"{root}: level {lvl} chunks {fmt_voxels(chunks)} are not aligned with blocks of"
-                    f" {fmt_voxels(plan.block_shape)}; blocks would share chunks"
+                    f"{root}: level {lvl} {what} {fmt_voxels(files)} are not aligned with blocks of"
+                    f" {fmt_voxels(plan.block_shape)}; blocks would share {what}"
                 )
         if arr.ndim == 4 and arr.chunks[0] != arr.shape[0]:
             raise ValueError(f"{root}: level {lvl} must hold all channels in one chunk")
@@ -275,6 +279,10 @@ class BlockWriter(BasePredictionWriter):
         progress: show a rich progress bar (blocks, Mvox/s) on stderr on global rank 0.
         workers: threads writing chunk rows at once (zarr's codecs release the GIL): 1 on the CPU, where compute
             needs the cores; more on a GPU host (:data:`~exem.inference.engine.GPU_WRITE_WORKERS`).
+
+    In a sharded output the chunk rows of a block are held until they fill whole shards in Z (or reach the block's
+    end) and written as one row: shards are written whole, once, each by one thread (at most a shard's depth of
+    rows is held per block).
     """
 
     def __init__(
@@ -299,6 +307,9 @@ class BlockWriter(BasePredictionWriter):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._arrays: list[zarr.Array] = []
+        self._shard_z = 0  # Z voxels of the output's shards; 0: not sharded
+        # chunk rows held until they make a whole shard row: block index → [(z0, levels)]
+        self._rows: dict[int, list[tuple[int, list[np.ndarray]]]] = {}
         self._bar: Any = None
         self._task: Any = None
         self._t0 = 0.0
@@ -307,6 +318,9 @@ class BlockWriter(BasePredictionWriter):
     # lifecycle -------------------------------------------------------------------------------------------
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._arrays = open_levels(self.output, self.levels)
+        shards = getattr(self._arrays[0], "shards", None) if self._arrays else None
+        self._shard_z = int(shards[-3]) if shards else 0
+        self._rows = {}
         self._error = None
         self._queue = queue.Queue(maxsize=max(1, self.queue_size))
         self._thread = threading.Thread(target=self._run, name="exem-block-writer", daemon=True)
@@ -392,6 +406,11 @@ class BlockWriter(BasePredictionWriter):
                     continue  # keep draining so the producer never blocks on a dead consumer
                 try:
                     kind, index, *rest = item
+                    if kind == "slab" and self._shard_z:
+                        whole = self._shard_row(index, *rest)
+                        if whole is None:
+                            continue
+                        rest = list(whole)
                     if kind == "slab" and pool is not None:
                         slots.acquire()
                         future = pool.submit(self._write_slab_item, index, *rest)
@@ -400,6 +419,8 @@ class BlockWriter(BasePredictionWriter):
                     elif kind == "slab":
                         self._write_slab_item(index, *rest)
                     elif kind == "done":
+                        if self._rows.pop(index, None):
+                            raise RuntimeError(f"block {self.plan.blocks[index].id}: last rows missing")
                         for future in pending.pop(index, []):
                             future.result()  # its data first; an error stops here, before the markers
                         self.finish_block(index)
@@ -411,6 +432,23 @@ class BlockWriter(BasePredictionWriter):
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+
+    def _shard_row(self, index: int, z0: int, levels: list, ready: Any) -> tuple[int, list, None] | None:
+        """Hold a chunk row of block ``index``; once the held rows end on a shard border in Z (or at the block's end),
+        return them as one row ``(z0, levels, None)``, else None."""
+        if ready is not None:
+            ready.synchronize()
+        held = self._rows.setdefault(index, [])
+        held.append((int(z0), [np.asarray(level) for level in levels]))
+        block = self.plan.blocks[index]
+        end = int(z0) + held[-1][1][0].shape[-3]
+        if (block.start[0] + end) % self._shard_z and end < block.shape[0]:
+            return None
+        del self._rows[index]
+        if len(held) == 1:
+            return held[0][0], held[0][1], None
+        merged = [np.concatenate([h[1][i] for h in held], axis=-3) for i in range(len(held[0][1]))]
+        return held[0][0], merged, None
 
     def _write_slab_item(self, index: int, z0: int, levels: list, ready: Any) -> None:
         if ready is not None:
@@ -424,6 +462,7 @@ class BlockWriter(BasePredictionWriter):
             self._thread.join()
         self._thread = None
         self._queue = None
+        self._rows = {}
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

@@ -3,7 +3,8 @@
 Translation, reliability maps and segmentation each do::
 
     volume = open_input(source, level, intensity_range, percentiles)
-    job = plan_job(net, volume, source, patch=…, overlap=…, roi=…, chunks=…, block_shape=…, trainer=…)
+    job = plan_job(net, volume, source, patch=…, overlap=…, roi=…, chunks=…, block_shape=…, trainer=…,
+                   ngff_version=…, shards=…)
     record = job.record(sigma=…, dtype=…, autocast_dtype=…, **their own settings)
     action = inspect_output(out, record, …)                    # exem.inference.output
     run_blockwise(net, job.volume, job.plan, out, prepare=…)    # exem.inference.engine
@@ -21,6 +22,7 @@ import lightning as L
 from torch import nn
 
 from exem.checks import check_input_shape, triple
+from exem.data.ome import DEFAULT_NGFF_VERSION, check_ngff_version, check_shards
 from exem.data.volume import Volume, open_volume
 from exem.inference.engine import default_block_voxels
 from exem.inference.output import grid_record, jsonable, output_voxel_size
@@ -76,19 +78,27 @@ class Job:
     Attributes:
         volume: the input as the network reads it (possibly a resampled view).
         source: what the user passed as input (its resolved path goes into the record).
-        plan: blocks, patch grid, chunks and levels (:func:`~exem.inference.plan.plan_volume`).
+        plan: blocks, patch grid, chunks, shards and levels (:func:`~exem.inference.plan.plan_volume`).
         voxel_size_nm: (z, y, x) nm of the output (the volume's; 1 nm when unknown).
+        ngff_version: the output's OME-Zarr version, ``"0.5"`` (Zarr v3) or ``"0.4"`` (Zarr v2).
     """
 
     volume: Volume
     source: Any
     plan: BlockPlan
     voxel_size_nm: tuple[float, float, float]
+    ngff_version: str = DEFAULT_NGFF_VERSION
 
     def record(self, *, sigma: float, dtype: str, autocast_dtype: str | None, **task: Any) -> dict[str, Any]:
         """The output's record: the grid part (:func:`~exem.inference.output.grid_record`) and ``task``'s keys."""
         base = grid_record(
-            self.volume, self.source, self.plan, sigma=sigma, dtype=dtype, autocast_dtype=autocast_dtype
+            self.volume,
+            self.source,
+            self.plan,
+            sigma=sigma,
+            dtype=dtype,
+            autocast_dtype=autocast_dtype,
+            ngff_version=self.ngff_version,
         )
         return {**base, **jsonable(task)}
 
@@ -104,6 +114,8 @@ def plan_job(
     chunks: Sequence[int] | None = None,
     block_shape: Sequence[int] | None = None,
     trainer: L.Trainer | None = None,
+    ngff_version: str | float = DEFAULT_NGFF_VERSION,
+    shards: Sequence[int] | None = None,
 ) -> Job:
     """Check the patch against ``net``, plan the blocks once (the trainer's device sets the default block budget).
 
@@ -112,10 +124,15 @@ def plan_job(
         volume: the input volume; ``source``: what the user gave (for the record).
         patch, overlap, roi, chunks, block_shape: see :func:`~exem.inference.plan.plan_volume` (voxels).
         trainer: the run's trainer (None: CUDA when available).
+        ngff_version: the output's OME-Zarr version: ``"0.5"`` (Zarr v3) or ``"0.4"`` (Zarr v2).
+        shards: level-0 shard shape (z, y, x) voxels of the output (Zarr v3 only), None: no sharding; blocks
+            then follow whole shards (:func:`~exem.inference.plan.plan_blocks`).
 
     Raises:
-        ValueError: bad patch / overlap / ROI / chunks / block shape (one line).
+        ValueError: bad patch / overlap / ROI / chunks / block shape / NGFF version / shards (one line).
     """
+    version = check_ngff_version(ngff_version)
+    shards3 = check_shards(shards, version)
     patch3 = check_patch(net, patch)
     plan = plan_volume(
         volume.shape,
@@ -125,5 +142,12 @@ def plan_job(
         chunks=chunks,
         block_shape=block_shape,
         block_voxels=default_block_voxels(trainer),
+        shards=shards3,
     )
-    return Job(volume=volume, source=source, plan=plan, voxel_size_nm=output_voxel_size(volume))
+    return Job(
+        volume=volume,
+        source=source,
+        plan=plan,
+        voxel_size_nm=output_voxel_size(volume),
+        ngff_version=version,
+    )

@@ -12,7 +12,9 @@ version. Before any compute, :func:`inspect_output` decides, read-only, what a r
 - anything else (a foreign folder, other settings) → one-line ``FileExistsError`` naming what differs.
 
 :func:`create_image` then writes the empty OME-Zarr pyramid (on global rank 0, inside the engine's run),
-:func:`update_record` marks it complete (or adds results), :func:`read_record` reads it back.
+:func:`update_record` marks it complete (or adds results), :func:`read_record` reads it back. The record is a
+plain group attribute in both formats: in ``.zattrs`` (NGFF 0.4, Zarr v2) or beside ``"ome"`` in ``zarr.json``
+(NGFF 0.5, Zarr v3), whose metadata writes are atomic (a temporary file, then a rename).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Literal
 
 import zarr
 
-from exem.data.ome import create_ome_zarr
+from exem.data.ome import DEFAULT_NGFF_VERSION, check_ngff_version, create_ome_zarr
 from exem.data.volume import Volume
 from exem.inference.plan import BlockPlan
 
@@ -65,7 +67,11 @@ GRID_KEYS = (
     "block_shape",
     "chunks",
     "levels",
+    "shards",
+    "ngff_version",
 )
+# What records written before these keys existed hold instead (all exem outputs were NGFF 0.4 and unsharded).
+LEGACY_RECORD = {"ngff_version": "0.4", "shards": None}
 
 
 def jsonable(value: Any) -> Any:
@@ -107,6 +113,7 @@ def grid_record(
     sigma: float,
     dtype: str,
     autocast_dtype: str | None,
+    ngff_version: str | float = DEFAULT_NGFF_VERSION,
 ) -> dict[str, Any]:
     """The :data:`GRID_KEYS` part of a record: input, region, patch grid, blending, storage (JSON values)."""
     return jsonable(
@@ -124,6 +131,8 @@ def grid_record(
             "block_shape": list(plan.block_shape),
             "chunks": None if plan.chunks is None else list(plan.chunks),
             "levels": int(plan.levels),
+            "shards": None if plan.shards is None else list(plan.shards),
+            "ngff_version": check_ngff_version(ngff_version),
         }
     )
 
@@ -211,6 +220,7 @@ def inspect_output(
         raise FileExistsError(
             f"output {out} exists and is not an exem {what}; use overwrite=true or another output"
         )
+    stored = {**LEGACY_RECORD, **stored}
     diff = describe_differences(stored, settings, keys)
     if stored.get("complete"):
         if complete_ok and not diff:
@@ -247,12 +257,13 @@ def create_image(
     *,
     name: str,
     replace: bool = False,
+    ngff_version: str | float = DEFAULT_NGFF_VERSION,
 ) -> zarr.Group:
     """Create the empty OME-Zarr pyramid an engine run writes into (global rank 0, inside the run).
 
-    The image has the plan's region shape, chunks and ``levels`` (level l halves Y and X l times), the record
-    ``attributes`` as its ``"exem"`` attribute, and, for an ROI, a translation placing it where it lies in the
-    input (NGFF: scale, then translation, in physical units).
+    The image has the plan's region shape, chunks, shards and ``levels`` (level l halves Y and X l times), the
+    record ``attributes`` as its ``"exem"`` attribute, and, for an ROI, a translation placing it where it lies in
+    the input (NGFF: scale, then translation, in physical units).
 
     Args:
         path: the image folder.
@@ -262,13 +273,15 @@ def create_image(
         attributes: the record.
         name: the multiscales name.
         replace: delete what is at ``path`` first.
+        ngff_version: ``"0.5"`` (Zarr v3, the default) or ``"0.4"`` (Zarr v2; not with ``plan.shards``).
     """
     out = Path(path)
     if replace:
         remove_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     chunks = plan.chunks if plan.chunks is not None else plan.block_shape
-    group = create_ome_zarr(
+    offset = [float(o) * float(v) for o, v in zip(plan.origin, voxel_size_nm, strict=True)]
+    return create_ome_zarr(
         out,
         plan.shape,
         dtype,
@@ -277,11 +290,7 @@ def create_image(
         factors=[(1, 2**lvl, 2**lvl) for lvl in range(plan.levels)],
         name=name,
         attributes={"exem": dict(attributes)},
+        ngff_version=ngff_version,
+        shards=plan.shards,
+        origin_nm=offset if any(plan.origin) else None,
     )
-    if any(plan.origin):
-        multiscales = jsonable(group.attrs["multiscales"])
-        offset = [float(o) * float(v) for o, v in zip(plan.origin, voxel_size_nm, strict=True)]
-        for ds in multiscales[0]["datasets"]:
-            ds["coordinateTransformations"].append({"type": "translation", "translation": offset})
-        group.attrs["multiscales"] = multiscales
-    return group

@@ -14,6 +14,9 @@
   (patch 16×256×256, 25 % overlap).
 - :func:`plan_volume` adds the output defaults every task shares: chunks ``(2·patch_z, 256, 256)``, 25 %
   overlap, two pyramid levels.
+- Sharded outputs (Zarr v3, ``shards``): a shard file holds many chunks and writing one chunk rewrites its shard,
+  so block borders then follow whole shards of every level (:func:`level_shards`): no two blocks, ranks or writer
+  threads ever write into the same shard.
 
 Pure Python (no torch, no Lightning): plans are cheap and testable on their own.
 """
@@ -21,12 +24,14 @@ Pure Python (no torch, no Lightning): plans are cheap and testable on their own.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from exem.checks import fmt_voxels, triple
 from exem.data.grid import AXIS_NAMES, PatchGrid
+from exem.data.ome import level_layout
 
 __all__ = [
     "CPU_BLOCK_VOXELS",
@@ -41,11 +46,14 @@ __all__ = [
     "default_chunks",
     "default_overlap",
     "level_chunks",
+    "level_shards",
     "plan_blocks",
     "plan_volume",
     "resolve_region",
     "round_up",
 ]
+
+log = logging.getLogger(__name__)
 
 # Default block size budget in voxels (2^29 = 537 M) on an accelerator. A block holds its raw context and its cast
 # output on the device (~2-6 bytes per voxel); the float32 blending sums exist for one patch depth of Z slices at a
@@ -136,6 +144,7 @@ class BlockPlan:
         blocks: the blocks in C order (x fastest).
         chunks: level-0 chunk shape (z, y, x) of the output the plan was made for (None: not aligned).
         levels: pyramid levels of that output (level l halves Y and X l times).
+        shards: level-0 shard shape (z, y, x) of that output (whole chunks), or None (not sharded).
     """
 
     region: tuple[int, int, int, int, int, int]
@@ -145,6 +154,7 @@ class BlockPlan:
     blocks: tuple[Block, ...]
     chunks: tuple[int, int, int] | None = None
     levels: int = 1
+    shards: tuple[int, int, int] | None = None
 
     @property
     def origin(self) -> tuple[int, int, int]:
@@ -210,14 +220,22 @@ def resolve_region(
 def level_chunks(shape: Sequence[int], chunks: Sequence[int], levels: int) -> list[tuple[int, int, int]]:
     """Chunk shapes of pyramid levels ``0 … levels−1`` (level l: Y and X halved l times, rounded up).
 
-    The same rule as :func:`exem.data.ome.create_ome_zarr`: each level's chunk is ``chunks`` capped by the
-    level's shape.
+    The rule of :func:`exem.data.ome.level_layout` (what the arrays are created with): each level's chunk is
+    ``chunks`` capped by the level's shape.
     """
+    return [level_layout(shape, (1, 2**lvl, 2**lvl), chunks)[1] for lvl in range(int(levels))]  # type: ignore[misc]
+
+
+def level_shards(
+    shape: Sequence[int], chunks: Sequence[int], shards: Sequence[int], levels: int
+) -> list[tuple[int, int, int]]:
+    """Shard shapes of pyramid levels ``0 … levels−1`` (:func:`exem.data.ome.level_layout`): each covers the region
+    of a level-0 shard (Y and X halved per level), in whole chunks of its level."""
     out = []
     for lvl in range(int(levels)):
-        f = (1, 2**lvl, 2**lvl)
-        lshape = tuple(-(-int(s) // k) for s, k in zip(shape, f, strict=True))
-        out.append(tuple(min(int(c), s) for c, s in zip(chunks, lshape, strict=True)))
+        lshards = level_layout(shape, (1, 2**lvl, 2**lvl), chunks, shards)[2]
+        assert lshards is not None
+        out.append(lshards)
     return out  # type: ignore[return-value]
 
 
@@ -286,6 +304,7 @@ def plan_blocks(
     chunks: Sequence[int] | None = None,
     levels: int = 1,
     block_voxels: int = DEFAULT_BLOCK_VOXELS,
+    shards: Sequence[int] | None = None,
 ) -> BlockPlan:
     """Plan the blocks of a region.
 
@@ -299,21 +318,46 @@ def plan_blocks(
             alignment of the block borders so that no two blocks share a chunk of any pyramid level.
         levels: number of pyramid levels written (level l halves Y and X l times).
         block_voxels: budget for the default block shape.
+        shards: level-0 shard shape (z, y, x) of a sharded output (needs ``chunks``; rounded up to whole chunks of
+            every level, capped by the region): block borders then follow whole shards of every level
+            (:func:`level_shards`).
 
     Raises:
-        ValueError: bad ROI, patch larger than the region, bad overlap or block shape.
+        ValueError: bad ROI, patch larger than the region, bad overlap, block shape or shards.
     """
     patch = triple(patch, "patch")
     region = resolve_region(volume_shape, roi, patch)
     shape = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
     grid = PatchGrid(shape, patch, overlap)
+    shards0: tuple[int, int, int] | None = None
     if chunks is None:
+        if shards is not None:
+            raise ValueError("shards need the output's chunks (plan with chunks)")
         align: tuple[int, int, int] = (1, 1, 1)
     else:
         chunk0 = triple(chunks, "chunks")
         if min(chunk0) < 1:
             raise ValueError(f"chunks must be positive, got {list(chunk0)}")
         align = chunk_alignment(level_chunks(shape, chunk0, levels))
+        if shards is not None:
+            requested_shards = triple(shards, "shards")
+            if min(requested_shards) < 1:
+                raise ValueError(f"shards must be positive, got {list(requested_shards)}")
+            # whole chunks of every level (so that level l's shards are level 0's halved l times), capped by the region
+            shards0 = tuple(  # type: ignore[assignment]
+                min(round_up(h, a), round_up(s, c))
+                for h, a, s, c in zip(requested_shards, align, shape, chunk0, strict=True)
+            )
+            align = chunk_alignment(level_shards(shape, chunk0, shards0, levels))  # type: ignore[arg-type]
+            smallest = math.prod(min(a, s) for a, s in zip(align, shape, strict=True))
+            if block_shape is None and smallest > block_voxels:
+                log.warning(
+                    "shards %s make every block at least %s voxels, over the block budget of %d voxels;"
+                    " smaller shards use less memory",
+                    fmt_voxels(shards0),  # type: ignore[arg-type]
+                    fmt_voxels(tuple(min(a, s) for a, s in zip(align, shape, strict=True))),
+                    block_voxels,
+                )
     if block_shape is None:
         bshape = _default_block_shape(shape, patch, align, int(block_voxels))
     else:
@@ -350,18 +394,25 @@ def plan_blocks(
         blocks=tuple(blocks),
         chunks=None if chunks is None else chunk0,
         levels=int(levels),
+        shards=shards0,
     )
 
 
 def align_block(
-    shape: Sequence[int], chunks: Sequence[int], levels: int, requested: Sequence[int], name: str = "block"
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    levels: int,
+    requested: Sequence[int],
+    name: str = "block",
+    shards: Sequence[int] | None = None,
 ) -> tuple[int, int, int]:
-    """``requested`` (z, y, x) voxels rounded up to whole chunks of every pyramid level, capped by ``shape``.
+    """``requested`` (z, y, x) voxels rounded up to whole chunks of every pyramid level (to whole ``shards``, the
+    plan's level-0 shard shape, when the output is sharded), capped by ``shape``.
 
     Raises:
         ValueError: ``requested`` is not three positive integers (one line naming ``name``).
     """
-    align = chunk_alignment(level_chunks(shape, chunks, levels))
+    align = tuple(shards) if shards is not None else chunk_alignment(level_chunks(shape, chunks, levels))
     req = triple(requested, name)
     if min(req) < 1:
         raise ValueError(f"{name} must be positive, got {list(req)}")
@@ -394,6 +445,7 @@ def plan_volume(
     block_shape: Sequence[int] | None = None,
     block_voxels: int = DEFAULT_BLOCK_VOXELS,
     levels: int = LEVELS,
+    shards: Sequence[int] | None = None,
 ) -> BlockPlan:
     """The plan of an inference run that writes an OME-Zarr pyramid: :func:`plan_blocks` with the outputs' defaults.
 
@@ -405,6 +457,7 @@ def plan_volume(
         chunks: output chunks (z, y, x), capped by the output shape; None → :func:`default_chunks`.
         block_shape, block_voxels: as :func:`plan_blocks`.
         levels: pyramid levels written.
+        shards: level-0 shards (z, y, x) of a sharded output; None: not sharded (see :func:`plan_blocks`).
 
     Raises:
         ValueError: bad ROI / patch / overlap / chunks / block shape (one line).
@@ -427,4 +480,5 @@ def plan_volume(
         chunks=chunks3,
         levels=levels,
         block_voxels=block_voxels,
+        shards=shards,
     )

@@ -2,10 +2,10 @@
 
 ``translate_volume`` opens the input (with the generator's training normalisation), reconciles the model's and
 the input's voxel sizes, plans once (:func:`exem.inference.job.plan_job`), decides what to do with the output
-(:func:`exem.inference.output.inspect_output`), creates it (NGFF 0.4, levels ``"0"`` and ``"1"``, the input's
-voxel size) and runs the blockwise engine (:func:`exem.inference.engine.run_blockwise`) on one device or many
-(pass a DDP ``lightning.Trainer``). Reliability maps (:func:`exem.inference.uncertainty.reliability_map`) are
-translations of a wrapped generator.
+(:func:`exem.inference.output.inspect_output`), creates it (OME-Zarr 0.5 on Zarr v3 by default, or 0.4 on Zarr
+v2; levels ``"0"`` and ``"1"``, the input's voxel size) and runs the blockwise engine
+(:func:`exem.inference.engine.run_blockwise`) on one device or many (pass a DDP ``lightning.Trainer``).
+Reliability maps (:func:`exem.inference.uncertainty.reliability_map`) are translations of a wrapped generator.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from exem.checks import one_of, triple
+from exem.data.ome import DEFAULT_NGFF_VERSION
 from exem.data.resample import RescaledNetwork, resample_volume, same_voxel_size, scale_roi
 from exem.data.volume import Volume
 from exem.inference.engine import OUT_DTYPES, on_cpu, run_blockwise
@@ -196,6 +197,8 @@ def translate_volume(
     name: str = OUTPUT_NAME,
     complete_ok: bool = False,
     compile: bool | str = "auto",  # noqa: A002 - the config key's name
+    ngff_version: str = DEFAULT_NGFF_VERSION,
+    shards: Sequence[int] | None = None,
 ) -> TranslateResult:
     """Translate a whole ExM volume (or an ROI) to virtual EM and write it as an OME-Zarr pyramid.
 
@@ -205,7 +208,7 @@ def translate_volume(
             float32 in [0, 1] → ``(B, 1, Z, Y, X)``; the weights' fingerprint is recorded in the output.
         input: a Zarr / OME-Zarr / TIFF path (opened with ``open_volume(level=input_level, …)``), or a
             :class:`~exem.data.volume.Volume` (or anything ``open_volume`` accepts, e.g. a numpy array).
-        output: local folder of the OME-Zarr written (NGFF 0.4, levels ``"0"`` and ``"1"``, voxel size of the
+        output: local folder of the OME-Zarr written (``ngff_version``, levels ``"0"`` and ``"1"``, voxel size of the
             input; 1 nm with a warning when unknown). An existing complete output needs ``overwrite=True``; an
             incomplete one written with the same settings and weights is resumed.
         patch: (z, y, x) voxels per network call, as the generator sees them (at the model's voxel size when
@@ -242,6 +245,9 @@ def translate_volume(
         compile: ``torch.compile`` the generator for the run (the first batch pays tens of seconds of compilation;
             results equal to float rounding): True, False, or ``"auto"`` (:func:`compile_wanted`: on a GPU for
             volumes of ≥ 2^30 voxels).
+        ngff_version: ``"0.5"`` (OME-Zarr 0.5 on Zarr v3, the default) or ``"0.4"`` (Zarr v2).
+        shards: (z, y, x) voxels per shard file (Zarr v3 sharding: fewer files; whole chunks; the blocks then follow
+            whole shards, so no two writers share one); None: one file per chunk.
 
     The caller's network comes back on its device, in its dtype and train/eval mode.
 
@@ -290,6 +296,8 @@ def translate_volume(
         chunks=chunks,
         block_shape=block_shape,
         trainer=trainer,
+        ngff_version=ngff_version,
+        shards=shards,
     )
     plan = job.plan
     scale = None if resampled is None else {"output": resampled, "model_voxel_size_nm": list(model_nm or [])}
@@ -335,6 +343,7 @@ def translate_volume(
                 attributes,
                 name=name,
                 replace=action == "overwrite",
+                ngff_version=job.ngff_version,
             )
         )
         result = run_blockwise(
