@@ -20,9 +20,11 @@ from tests.bioimageio_packages import make_package, reference
 
 @pytest.fixture(scope="module")
 def em_volume(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    """A uint8 (12, 40, 48) EM-like volume in a Zarr with small chunks (many blocks)."""
-    rng = np.random.default_rng(0)
-    vol = (rng.random((12, 40, 48)) * 255).astype(np.uint8)
+    """A synthetic uint8 (12, 40, 48) EM volume (exem's EM rendering of a phantom) in a Zarr with small chunks."""
+    from exem.data.phantom import make_phantom
+    from exem.data.render import render_em
+
+    vol = render_em(make_phantom((12, 40, 48), seed=3), seed=3)
     path = tmp_path_factory.mktemp("em") / "em.zarr"
     z = zarr.create_array(str(path), shape=vol.shape, chunks=(6, 20, 24), dtype="uint8")
     z[:] = vol
@@ -112,3 +114,21 @@ def test_check_fails_on_a_package_exem_cannot_reproduce(
     with pytest.raises(PackageError, match="does not reproduce the package's test output"):
         segment_volume(pkg, src, out, check=True, progress=False)
     assert not out.exists()
+
+
+def test_exem_segment_cli_runs_a_package(tmp_path: Path, em_volume: tuple[Path, np.ndarray]) -> None:
+    """The console script with a spec 0.5 package and check=true: the same probabilities as in memory."""
+    from tests.conftest import run_cli
+
+    src, vol = em_volume
+    pkg, net = make_package(tmp_path / "pkg")
+    out = tmp_path / "seg.zarr"
+    proc = run_cli(
+        "exem-segment", f"model={pkg}", f"input={src}", f"output={out}", "check=true", "dtype=float32",
+        "trainer=cpu", "patch=[8,24,24]", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "the package's test output reproduced" in proc.stdout
+    stats = _record(out)["model"]["statistics"]["preprocessing"][0]
+    expected = reference(net, vol.astype(np.float32), stats["mean"], stats["std"])[0]
+    assert np.abs(_probabilities(out) - expected).max() < 2e-5
