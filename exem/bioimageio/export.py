@@ -156,8 +156,14 @@ def _readme(trained: TrainedGenerator, steps: list[dict[str, Any]], cite: Sequen
         f"- ExM voxel size (z, y, x): {list(trained.voxel_size_nm) if trained.voxel_size_nm else 'unknown'} nm",
         f"- training patch (z, y, x): {list(trained.training_patch) if trained.training_patch else 'unknown'} voxels",
         f"- input normalisation in training: {dict(trained.lm_normalization or {}) or 'the data type range'}",
-        f"- content-loss intensity groups: {dict(trained.content_groups or {}) or 'unknown'}",
-        f"- preprocessing in this package: {', '.join(s['id'] for s in steps)}",
+        f"- content-loss intensity groups: {_groups_line(trained.content_groups)}",
+        f"- preprocessing in this package: {', '.join(s['id'] for s in steps)}"
+        + (
+            " (bioimage.io computes the percentiles per tile; exem-translate computes them once per volume, as in"
+            " training: prefer it for whole volumes)"
+            if any(s["id"] == "scale_range" for s in steps)
+            else ""
+        ),
         "",
         "## Use",
         "Apply to ExM volumes of the training's voxel size. For whole volumes, tile with an overlap of at least twice"
@@ -178,6 +184,16 @@ def _readme(trained: TrainedGenerator, steps: list[dict[str, Any]], cite: Sequen
         "",
     ]
     return "\n".join(lines)
+
+
+def _groups_line(groups: Mapping[str, Any] | None) -> str:
+    """The content-loss groups in one line: thresholds and the LM → EM mapping."""
+    if not groups:
+        return "unknown"
+    keys = ("lm_thresholds", "em_thresholds", "lm_to_em", "polarity", "stain")
+    return (
+        ", ".join(f"{k} {groups[k]}" for k in keys if groups.get(k) is not None) or "the published defaults"
+    )
 
 
 def _rdf(
