@@ -68,6 +68,17 @@ def make_package(
     if weights == "torchscript":
         torch.jit.trace(net, example).save(str(folder / "weights.pt"))
         weights_entry: dict[str, Any] = {"torchscript": {"source": "weights.pt", "pytorch_version": "2.3"}}
+    elif weights in ("state_dict", "state_dict_file"):
+        torch.save(net.state_dict(), folder / "state.pt")
+        arch: dict[str, Any] = {"callable": "ConvSigmoid", "kwargs": {"dims": dims, "kernel": kernel}}
+        if weights == "state_dict":
+            arch["import_from"] = "tests.bioimageio_packages"  # importable: exem builds it
+        else:
+            (folder / "arch.py").write_text("raise SystemExit('package code must not run')\n")
+            arch["source"] = "arch.py"  # code in the package: exem refuses to run it
+        weights_entry = {
+            "pytorch_state_dict": {"source": "state.pt", "architecture": arch, "pytorch_version": "2.3"}
+        }
     else:
         torch.onnx.export(
             net,

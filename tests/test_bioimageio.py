@@ -44,6 +44,7 @@ CASES = [
     pytest.param("0.4", 3, "torchscript", True, id="spec0.4-3d-torchscript-zip"),
     pytest.param("0.5", 2, "torchscript", False, id="spec0.5-2d-torchscript"),
     pytest.param("0.5", 3, "onnx", True, id="spec0.5-3d-onnx-zip"),
+    pytest.param("0.5", 3, "state_dict", False, id="spec0.5-3d-state-dict-importable"),
 ]
 
 
@@ -71,7 +72,9 @@ def test_package_segmentation_equals_the_whole_volume_in_memory(
     stats = record["model"]["statistics"]["preprocessing"][0]
     assert stats["mean"] == pytest.approx(float(vol.mean()), rel=1e-9)  # the whole (small) volume was sampled
     assert stats["std"] == pytest.approx(float(vol.std()), rel=1e-9)
-    assert record["model"]["format"] == f"bioimageio/{weights}"
+    assert record["model"]["format"] == "bioimageio/" + {"state_dict": "pytorch_state_dict"}.get(
+        weights, weights
+    )
     expected = reference(net, vol.astype(np.float32), stats["mean"], stats["std"], dims=dims)[0]
     assert np.abs(_probabilities(out) - expected).max() < 2e-5
 
@@ -132,3 +135,9 @@ def test_exem_segment_cli_runs_a_package(tmp_path: Path, em_volume: tuple[Path, 
     stats = _record(out)["model"]["statistics"]["preprocessing"][0]
     expected = reference(net, vol.astype(np.float32), stats["mean"], stats["std"])[0]
     assert np.abs(_probabilities(out) - expected).max() < 2e-5
+
+
+def test_state_dict_with_architecture_in_the_package_is_refused(tmp_path: Path) -> None:
+    pkg, _ = make_package(tmp_path / "pkg", weights="state_dict_file")
+    with pytest.raises(PackageError, match="weights in pytorch_state_dict; exem runs torchscript, onnx"):
+        open_package(pkg)
