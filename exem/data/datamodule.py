@@ -80,6 +80,7 @@ def _volume_config(cfg: Mapping[str, Any] | None, name: str) -> tuple[Any, dict[
         "voxel_size": opt("voxel_size"),
         "intensity_range": opt("intensity_range"),
         "percentiles": opt("percentiles"),
+        "channel": cfg.get("channel"),
     }
     return path, kwargs
 
@@ -93,8 +94,9 @@ class ExEMDataModule(L.LightningDataModule):
     Args:
         lm, em: mappings with ``path`` (a store, OME-Zarr, TIFF, a folder of ``*.zarr`` or a list of those),
             ``level``, ``voxel_size`` ([z, y, x] nm), ``intensity_range`` ([lo, hi]),
-            ``percentiles`` ([lo, hi]); ``lm`` also ``stain`` (``pan_protein`` | ``direct`` | None), the prior
-            of the content-group fit (:mod:`exem.content_groups`).
+            ``percentiles`` ([lo, hi]), ``channel`` (of a multi-channel volume: index or name, e.g. the
+            pan-protein channel of an ExM sample with antibody channels); ``lm`` also ``stain``
+            (``pan_protein`` | ``direct`` | None), the prior of the content-group fit (:mod:`exem.content_groups`).
         patch_size: (Z, Y, X) voxels; Z = 1 for 2D training.
         batch_size, num_workers: DataLoader settings.
         samples_per_epoch: training samples per epoch (over all ranks).

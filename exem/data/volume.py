@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,14 @@ import numpy as np
 import zarr
 
 from exem.checks import fmt_voxels
-from exem.data.ome import level_scale, read_multiscales
+from exem.data.channels import (
+    ChannelView,
+    channel_names_of_ome,
+    choose_channel,
+    declared_channel_names,
+    squeeze_leading,
+)
+from exem.data.ome import level_scale, ome_attributes, read_multiscales
 from exem.errors import exception_line
 
 log = logging.getLogger(__name__)
@@ -67,52 +74,6 @@ def normalize(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return y
 
 
-class _SqueezedArray:
-    """Lazy view of an array without its ``n`` leading singleton axes (e.g. a (1, Z, Y, X) channel axis)."""
-
-    def __init__(self, array: Any, n: int) -> None:
-        self._array = array
-        self._n = n
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._array.shape[self._n :])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._array.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def chunks(self) -> tuple[int, ...] | None:
-        chunks = getattr(self._array, "chunks", None)
-        return None if chunks is None else tuple(chunks[self._n :])
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if not isinstance(key, tuple):
-            key = (key,)
-        return self._array[(0,) * self._n + key]
-
-    def __repr__(self) -> str:
-        return f"_SqueezedArray({self._array!r}, drop={self._n})"
-
-
-def _squeeze(array: Any) -> Any:
-    """Drop leading singleton axes while the array has more than 3 dimensions (lazily for zarr)."""
-    n = 0
-    shape = tuple(array.shape)
-    while len(shape) - n > 3 and shape[n] == 1:
-        n += 1
-    if n == 0:
-        return array
-    if isinstance(array, np.ndarray):
-        return array[(0,) * n]  # a view (memory maps stay memory maps)
-    return _SqueezedArray(array, n)
-
-
 @dataclass(frozen=True)
 class _Locator:
     """How to reopen a path-backed array (in a DataLoader worker, after unpickling)."""
@@ -120,6 +81,7 @@ class _Locator:
     kind: str  # "zarr" | "tiff"
     path: str
     key: str = ""
+    channel: int | None = None  # of a (C, Z, Y, X) array
 
     def open(self) -> Any:
         array = (
@@ -127,7 +89,8 @@ class _Locator:
             if self.kind == "tiff"
             else zarr.open_array(self.path, path=self.key, mode="r")
         )
-        return _squeeze(array)
+        array = squeeze_leading(array)
+        return array if self.channel is None else ChannelView(array, self.channel)
 
 
 def _open_tiff(path: str) -> Any:
@@ -162,6 +125,7 @@ class Volume:
         voxel_size_nm: (z, y, x) voxel size in nm, or None when unknown.
         intensity_range: (lo, hi) raw values mapped to 0 and 1 by :meth:`read_normalized`.
         level: the OME-Zarr level read (None when not a multiscale).
+        channel: the channel read of a multi-channel volume (None: single-channel); channel_names: all of them.
 
     ``array`` is the lazy array (zarr.Array, numpy array / memory map, or a thin squeezing view). Path-backed
     volumes drop it when pickled and reopen it on first access (e.g. inside a DataLoader worker).
@@ -173,6 +137,8 @@ class Volume:
     voxel_size_nm: tuple[float, float, float] | None
     intensity_range: tuple[float, float]
     level: int | None = None
+    channel: int | None = None
+    channel_names: tuple[str, ...] | None = None
     _array: Any = field(default=None, repr=False)
     _locator: _Locator | None = field(default=None, repr=False)
 
@@ -259,8 +225,9 @@ def _to_nm(scale: Sequence[float], units: Sequence[str | None], path: str) -> tu
 
 def _open_zarr_path(
     path: str, level: int | None
-) -> tuple[Any, _Locator, tuple[float, ...] | None, int | None]:
-    """(array, locator, voxel size in nm from metadata or None, resolved level) of a zarr store path."""
+) -> tuple[Any, _Locator, tuple[float, ...] | None, int | None, list[str] | None]:
+    """(array, locator, voxel size in nm from metadata or None, resolved level, declared channel names) of a
+    zarr store path."""
     try:
         node = zarr.open(path, mode="r")
     except Exception as e:
@@ -270,7 +237,7 @@ def _open_zarr_path(
             raise VolumeError(
                 f"{path}: level {level} requested but this is a single Zarr array, not an OME-Zarr"
             )
-        return node, _Locator("zarr", path), None, None
+        return node, _Locator("zarr", path), None, None, declared_channel_names(node)
     try:
         multiscales = read_multiscales(node)
     except Exception as e:
@@ -292,7 +259,8 @@ def _open_zarr_path(
         except Exception as e:
             raise VolumeError(f"{path}: OME-Zarr level {lvl} array '{key}' is missing or unreadable") from e
         voxel = _to_nm(scale, _axis_units(multiscales), path) if scale is not None else None
-        return array, _Locator("zarr", path, key), voxel, lvl
+        names = channel_names_of_ome(ome_attributes(node), multiscales)
+        return array, _Locator("zarr", path, key), voxel, lvl, names
     try:
         arrays = sorted(name for name, _ in node.arrays())
     except Exception as e:
@@ -313,16 +281,16 @@ def _open_zarr_path(
         raise VolumeError(
             f"{path}: unreadable Zarr array '{arrays[0]}' ({exception_line(e, with_type=True)})"
         ) from e
-    return array, _Locator("zarr", path, arrays[0]), None, None
+    return array, _Locator("zarr", path, arrays[0]), None, None, declared_channel_names(array)
 
 
 def _open_path(
     source: str | Path, level: int | None
-) -> tuple[Any, str, _Locator, tuple[float, ...] | None, int | None]:
+) -> tuple[Any, str, _Locator, tuple[float, ...] | None, int | None, list[str] | None]:
     path = str(source)
     if "://" in path:  # remote (fsspec) store: let zarr tell us what is there
-        array, locator, voxel, lvl = _open_zarr_path(path, level)
-        return array, path, locator, voxel, lvl
+        array, locator, voxel, lvl, names = _open_zarr_path(path, level)
+        return array, path, locator, voxel, lvl, names
     p = Path(path).expanduser()
     path = str(p)
     if not p.exists():
@@ -332,8 +300,15 @@ def _open_path(
             raise VolumeError(f"{path} is a file, not a Zarr store (nor a .tif/.tiff file)")
         if level not in (None, 0):
             raise VolumeError(f"{path}: level {level} requested but a TIFF file has a single level")
-        locator = _Locator("tiff", path)
-        return _open_tiff(path), path, locator, None, None
+        array = _open_tiff(path)
+        return (
+            array,
+            path,
+            _Locator("tiff", path),
+            None,
+            None,
+            declared_channel_names(array, _tiff_axes(path)),
+        )
     if not _is_zarr_store(p):
         children = _collection_children(p)
         if children:
@@ -344,8 +319,19 @@ def _open_path(
         raise VolumeError(
             f"{path} is not a Zarr store (no zarr.json, .zarray or .zgroup) and holds no *.zarr volumes"
         )
-    array, locator, voxel, lvl = _open_zarr_path(path, level)
-    return array, path, locator, voxel, lvl
+    array, locator, voxel, lvl, names = _open_zarr_path(path, level)
+    return array, path, locator, voxel, lvl, names
+
+
+def _tiff_axes(path: str) -> str | None:
+    """The axes letters of a TIFF's first series (e.g. ``CZYX``), or None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return str(tif.series[0].axes)
+    except Exception:  # noqa: BLE001 - any unreadable TIFF is reported by the opener itself
+        return None
 
 
 def _pair(values: Sequence[float], what: str, path: str) -> tuple[float, float]:
@@ -435,6 +421,7 @@ def open_volume(
     voxel_size: Sequence[float] | None = None,
     intensity_range: Sequence[float] | None = None,
     percentiles: Sequence[float] | None = None,
+    channel: int | str | None = None,
 ) -> Volume:
     """Open and validate one ``(Z, Y, X)`` volume without reading it (reads a bounded sample at most).
 
@@ -447,6 +434,8 @@ def open_volume(
         intensity_range: raw (lo, hi) mapped to [0, 1]. Default: the dtype's full range for integers, [0, 1]
             for floats (checked on a sample), or ``percentiles``.
         percentiles: (lo %, hi %) of a bounded random sample (fixed seed) used as the intensity range.
+        channel: of a multi-channel ``(C, Z, Y, X)`` volume, by index or name (:mod:`exem.data.channels`: OME-Zarr
+            ``c`` axes with ``omero`` names, Zarr v3 ``c`` dimensions, ``CZYX`` TIFFs; any 4D array when given).
 
     Raises:
         VolumeError: one line naming the path and the problem.
@@ -458,12 +447,13 @@ def open_volume(
     locator: _Locator | None = None
     meta_voxel: tuple[float, ...] | None = None
     resolved_level: int | None = None
+    declared: list[str] | None = None
     if isinstance(source, (str, Path)):
-        array, path, locator, meta_voxel, resolved_level = _open_path(source, level)
+        array, path, locator, meta_voxel, resolved_level, declared = _open_path(source, level)
     elif isinstance(source, np.ndarray):
         array, path = source, "<numpy array>"
     elif isinstance(source, zarr.Array):
-        array, path = source, str(source.store_path)
+        array, path, declared = source, str(source.store_path), declared_channel_names(source)
     else:
         raise VolumeError(
             f"cannot open a volume from a {type(source).__name__}; give a path, numpy or zarr array"
@@ -471,7 +461,9 @@ def open_volume(
     if not isinstance(source, (str, Path)) and level not in (None, 0):
         raise VolumeError(f"{path}: level {level} requested but an in-memory array has a single level")
 
-    array = _squeeze(array)
+    array, channel_index, channel_names = choose_channel(squeeze_leading(array), declared, channel, path)
+    if locator is not None and channel_index is not None:
+        locator = replace(locator, channel=channel_index)
     shape = tuple(int(s) for s in array.shape)
     if len(shape) != 3:
         hint = "; store a 2D image as (1, Y, X)" if len(shape) == 2 else ""
@@ -538,6 +530,8 @@ def open_volume(
         voxel_size_nm=voxel,
         intensity_range=(lo, hi),
         level=resolved_level,
+        channel=channel_index,
+        channel_names=channel_names,
         _array=array,
         _locator=locator,
     )

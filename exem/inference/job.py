@@ -36,8 +36,10 @@ def open_input(
     level: int = 0,
     intensity_range: Sequence[float] | None = None,
     percentiles: Sequence[float] | None = None,
+    channel: int | str | None = None,
 ) -> Volume:
     """The input volume of a run: ``open_volume`` for a path (or array), an opened :class:`Volume` as it is.
+    ``channel``: of a multi-channel input (index or name; an opened volume keeps its own).
 
     An opened volume carries its own normalisation: ``intensity_range`` replaces it, ``percentiles`` is refused.
 
@@ -55,7 +57,9 @@ def open_input(
                 raise ValueError(f"intensity range [{lo:g}, {hi:g}] must have hi > lo")
             return replace(source, intensity_range=(lo, hi))
         return source
-    return open_volume(source, level=level, intensity_range=intensity_range, percentiles=percentiles)
+    return open_volume(
+        source, level=level, intensity_range=intensity_range, percentiles=percentiles, channel=channel
+    )
 
 
 def check_patch(net: nn.Module, patch: Sequence[int]) -> tuple[int, int, int]:

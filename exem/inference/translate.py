@@ -188,6 +188,7 @@ def translate_volume(
     trainer: L.Trainer | None = None,
     intensity_range: Sequence[float] | None = None,
     percentiles: Sequence[float] | None = None,
+    channel: int | str | None = None,
     chunks: Sequence[int] | None = None,
     autocast_dtype: str | None = None,
     progress: bool = True,
@@ -229,6 +230,7 @@ def translate_volume(
         intensity_range, percentiles: input normalisation (see ``open_volume``); must match training. Both
             None → the generator's training normalisation when it has one
             (:func:`~exem.trained.trained_normalization`), else the dtype range.
+        channel: the pan-protein channel of a multi-channel input (index or name); None for a single channel.
         chunks: output chunk shape (z, y, x); None → ``(2·patch_z, 256, 256)`` capped by the shape.
         autocast_dtype: ``bfloat16``/``float16`` to run the generator under autocast (GPU); None → float32.
         progress: show a progress bar (blocks, Mvox/s) on stderr.
@@ -272,7 +274,7 @@ def translate_volume(
     generator = trained.network
     if not isinstance(input, Volume):  # an opened Volume already carries its normalisation
         intensity_range, percentiles = trained_normalization(trained, intensity_range, percentiles)
-    volume = open_input(input, input_level, intensity_range, percentiles)
+    volume = open_input(input, input_level, intensity_range, percentiles, channel)
     model_nm = model_voxel_size_nm if model_voxel_size_nm is not None else trained.voxel_size_nm
     net, volume, roi, resampled = _apply_scale(
         generator, volume, roi, model_nm, bool(resample), str(output_scale)

@@ -1,0 +1,132 @@
+"""Multi-channel volumes: the pan-protein channel of an ExM sample with antibody channels, by index or name."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from exem.data.volume import VolumeError, open_volume
+
+PAN, ANTIBODY = 0, 1
+
+
+@pytest.fixture
+def two_channels() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.stack([rng.integers(0, 4000, (6, 32, 32)), rng.integers(0, 200, (6, 32, 32))]).astype(np.uint16)
+
+
+def _ome(path: Path, data: np.ndarray, names: list[str]) -> Path:
+    """A (c, z, y, x) OME-Zarr 0.5 written by ome-zarr-py, with omero channel labels, voxel 40×10×10 nm."""
+    from ome_zarr.writer import add_metadata, write_image
+
+    group = zarr.open_group(str(path), mode="w")
+    axes = [{"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"
+    ]
+    write_image(data, group, axes=axes, scaler=None)
+    ome = dict(group.attrs["ome"])
+    ome["multiscales"][0]["datasets"] = [
+        {
+            "path": d["path"],
+            "coordinateTransformations": [{"type": "scale", "scale": [1.0, 40.0, 10.0, 10.0]}],
+        }
+        for d in ome["multiscales"][0]["datasets"][:1]
+    ]
+    group.attrs["ome"] = ome
+    add_metadata(group, {"omero": {"channels": [{"label": n, "color": "FFFFFF"} for n in names]}})
+    return path
+
+
+def test_ome_zarr_channel_by_name_and_index(tmp_path: Path, two_channels: np.ndarray) -> None:
+    path = _ome(tmp_path / "sample.ome.zarr", two_channels, ["nhs_ester", "antibody"])
+    by_name = open_volume(path, channel="antibody")
+    by_index = open_volume(path, channel=1)
+    assert by_name.shape == (6, 32, 32) and by_name.voxel_size_nm == (40.0, 10.0, 10.0)
+    assert by_name.channel == by_index.channel == ANTIBODY and by_name.channel_names == (
+        "nhs_ester",
+        "antibody",
+    )
+    box = (slice(1, 3), slice(4, 9), slice(0, 32))
+    assert np.array_equal(by_name.read(box), two_channels[ANTIBODY][box])
+    again = pickle.loads(
+        pickle.dumps(open_volume(path, channel="nhs_ester"))
+    )  # a DataLoader worker reopens it
+    assert np.array_equal(again.read(box), two_channels[PAN][box])
+
+
+def test_channel_errors_are_one_line(tmp_path: Path, two_channels: np.ndarray) -> None:
+    path = _ome(tmp_path / "sample.ome.zarr", two_channels, ["nhs_ester", "antibody"])
+    with pytest.raises(
+        VolumeError, match=r"got 2 channels \(0: nhs_ester, 1: antibody\); .* channel="
+    ) as err:
+        open_volume(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(VolumeError, match="no channel 'tubulin'; channels are 0: nhs_ester, 1: antibody"):
+        open_volume(path, channel="tubulin")
+    with pytest.raises(VolumeError, match="no channel 2"):
+        open_volume(path, channel=2)
+    single = zarr.create_array(str(tmp_path / "one.zarr"), shape=(4, 8, 8), dtype="uint8", chunks=(4, 8, 8))
+    single[:] = 1
+    assert (
+        open_volume(tmp_path / "one.zarr", channel=0).channel is None
+    )  # channel 0 of a single-channel volume
+    with pytest.raises(VolumeError, match="channel 1 asked, but the volume has no channel axis"):
+        open_volume(tmp_path / "one.zarr", channel=1)
+
+
+def test_czyx_tiff_and_zarr_v3_dimension_names(tmp_path: Path, two_channels: np.ndarray) -> None:
+    tifffile.imwrite(tmp_path / "s.tif", two_channels, metadata={"axes": "CZYX"})
+    z = zarr.create_array(
+        str(tmp_path / "s.zarr"), shape=two_channels.shape, dtype="uint16", chunks=(1, 6, 32, 32),
+        dimension_names=["c", "z", "y", "x"],
+    )  # fmt: skip
+    z[:] = two_channels
+    plain = zarr.create_array(str(tmp_path / "plain.zarr"), shape=two_channels.shape, dtype="uint16")
+    plain[:] = two_channels
+    for path in (
+        "s.tif",
+        "s.zarr",
+        "plain.zarr",
+    ):  # plain 4D: the caller declares the axis by naming a channel
+        vol = open_volume(tmp_path / path, channel=1)
+        assert vol.channel_names == ("c0", "c1") and np.array_equal(
+            vol.read((slice(None),) * 3), two_channels[1]
+        )
+    with pytest.raises(VolumeError, match="got 2 channels"):
+        open_volume(tmp_path / "s.tif")
+    with pytest.raises(VolumeError, match="a 4D array of shape"):
+        open_volume(tmp_path / "plain.zarr")
+
+
+def test_translate_and_training_data_take_the_pan_protein_channel(
+    tmp_path: Path, two_channels: np.ndarray
+) -> None:
+    from exem.data.datamodule import ExEMDataModule
+    from exem.inference.translate import translate_volume
+    from exem.models import AnisotropicUNet3D
+
+    path = _ome(tmp_path / "sample.ome.zarr", two_channels, ["nhs_ester", "antibody"])
+    torch.manual_seed(0)
+    net = AnisotropicUNet3D(widths=(2, 4)).eval()
+    kwargs = {"patch": (4, 16, 16), "progress": False, "dtype": "float32", "intensity_range": (0, 4000)}
+    by_channel = translate_volume(net, path, tmp_path / "a.ome.zarr", channel="nhs_ester", **kwargs)
+    single = tmp_path / "pan.zarr"
+    zarr.create_array(str(single), data=two_channels[PAN], chunks=(6, 32, 32))
+    plain = translate_volume(net, single, tmp_path / "b.ome.zarr", **kwargs)
+    a = zarr.open_group(str(by_channel.output), mode="r")["0"][:]
+    b = zarr.open_group(str(plain.output), mode="r")["0"][:]
+    assert np.array_equal(a, b)
+
+    dm = ExEMDataModule(
+        lm={"path": str(path), "channel": "nhs_ester"}, em={"path": str(single)}, patch_size=(4, 16, 16),
+        num_workers=0, val_patches=1, samples_per_epoch=2,
+    )  # fmt: skip
+    dm.setup("fit")
+    assert dm.lm_volumes[0].channel == PAN
