@@ -120,7 +120,7 @@ def test_translate_and_training_data_take_the_pan_protein_channel(
     single = tmp_path / "pan.zarr"
     zarr.create_array(str(single), data=two_channels[PAN], chunks=(6, 32, 32))
     plain = translate_volume(net, single, tmp_path / "b.ome.zarr", **kwargs)
-    a = zarr.open_group(str(by_channel.output), mode="r")["0"][:]
+    a = zarr.open_group(str(by_channel.output), mode="r")["0"][0]  # channel 0: the virtual EM
     b = zarr.open_group(str(plain.output), mode="r")["0"][:]
     assert np.array_equal(a, b)
 
@@ -130,3 +130,54 @@ def test_translate_and_training_data_take_the_pan_protein_channel(
     )  # fmt: skip
     dm.setup("fit")
     assert dm.lm_volumes[0].channel == PAN
+
+
+def test_translation_writes_the_other_channels_beside_the_virtual_em(
+    tmp_path: Path, two_channels: np.ndarray
+) -> None:
+    from exem.data.ome import ome_attributes
+    from exem.inference.output import read_record, update_record
+    from exem.inference.translate import translate_volume
+    from exem.models import AnisotropicUNet3D
+
+    path = _ome(tmp_path / "sample.ome.zarr", two_channels, ["nhs_ester", "antibody"])
+    torch.manual_seed(0)
+    net = AnisotropicUNet3D(widths=(2, 4)).eval()
+    kwargs = {
+        "patch": (4, 16, 16),
+        "progress": False,
+        "intensity_range": (0, 4000),
+        "block_shape": (6, 16, 16),
+    }
+    out = tmp_path / "multi.ome.zarr"
+    translate_volume(net, path, out, channel="nhs_ester", chunks=(6, 16, 16), **kwargs)
+    alone = translate_volume(
+        net, path, tmp_path / "alone.ome.zarr", channel=0, other_channels=False, **kwargs
+    )
+    group = zarr.open_group(str(out), mode="r")
+    level0, level1 = group["0"], group["1"]
+    assert level0.shape == (2, 6, 32, 32) and level0.dtype == np.uint16  # uint8 virtual EM + uint16 antibody
+    assert level1.shape == (2, 6, 16, 16)
+    virtual = zarr.open_group(str(alone.output), mode="r")
+    assert np.array_equal(level0[0], virtual["0"][:]) and np.array_equal(level1[0], virtual["1"][:])
+    assert np.array_equal(level0[1], two_channels[ANTIBODY])  # raw units, the input's grid
+    from exem.data.ome import downsample_inplane
+
+    assert np.array_equal(level1[1], downsample_inplane(two_channels[ANTIBODY]))
+    meta = ome_attributes(group)
+    assert [c["label"] for c in meta["omero"]["channels"]] == ["virtual_em", "antibody"]
+    assert [a["name"] for a in meta["multiscales"][0]["axes"]] == ["c", "z", "y", "x"]
+    reopened = open_volume(out, channel="antibody")
+    assert reopened.voxel_size_nm == (40.0, 10.0, 10.0) and reopened.channel_names == (
+        "virtual_em",
+        "antibody",
+    )
+
+    # killed after the virtual EM, before the antibody: the rerun writes the antibody (and only that)
+    zarr.open_group(str(out), mode="r+")["0"][1] = 0
+    update_record(out, channels_written=False)
+    again = translate_volume(
+        net, path, out, channel="nhs_ester", chunks=(6, 16, 16), complete_ok=True, **kwargs
+    )
+    assert again.blocks_done == 0 and read_record(out)["channels_written"]
+    assert np.array_equal(zarr.open_group(str(out), mode="r")["0"][1], two_channels[ANTIBODY])

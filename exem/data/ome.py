@@ -48,6 +48,9 @@ LABEL_PALETTE = (
     (70, 240, 240, 255),
     (240, 50, 230, 255),
 )
+CHANNEL_AXIS = {"name": "c", "type": "channel"}
+# OMERO display colours (RRGGBB) of the channels beside a virtual EM (grey): green, magenta, cyan, yellow, …
+CHANNEL_COLORS = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF8000", "0080FF")
 SHARDS_NEED_V3 = "shards need Zarr v3: use ngff_version 0.5 (or shards null)"
 
 
@@ -151,16 +154,22 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def datasets_metadata(
-    voxel_size_nm: Sequence[float], factors: Sequence[Sequence[int]], origin_nm: Sequence[float] | None = None
+    voxel_size_nm: Sequence[float],
+    factors: Sequence[Sequence[int]],
+    origin_nm: Sequence[float] | None = None,
+    channel_axis: bool = False,
 ) -> list[dict]:
     """The ``datasets`` of a multiscales entry: level i at path ``"i"``, scale = voxel size × ``factors[i]`` (nm),
-    then, when ``origin_nm`` is given, a translation by it (nm: where the region lies in its input)."""
+    then, when ``origin_nm`` is given, a translation by it (nm: where the region lies in its input). With
+    ``channel_axis`` the transforms lead with the channel axis (scale 1, translation 0)."""
+    lead = [1.0] if channel_axis else []
     datasets = []
     for i, f in enumerate(factors):
-        scale = [float(v) * int(k) for v, k in zip(voxel_size_nm, f, strict=True)]
+        scale = lead + [float(v) * int(k) for v, k in zip(voxel_size_nm, f, strict=True)]
         transforms: list[dict] = [{"type": "scale", "scale": scale}]
         if origin_nm is not None:
-            transforms.append({"type": "translation", "translation": [float(o) for o in origin_nm]})
+            shift = [0.0] * len(lead) + [float(o) for o in origin_nm]
+            transforms.append({"type": "translation", "translation": shift})
         datasets.append({"path": str(i), "coordinateTransformations": transforms})
     return datasets
 
@@ -179,6 +188,7 @@ def create_ome_zarr(
     ngff_version: str | float = DEFAULT_NGFF_VERSION,
     shards: Sequence[int] | None = None,
     origin_nm: Sequence[float] | None = None,
+    channels: Sequence[Mapping[str, Any]] | None = None,
 ) -> zarr.Group:
     """Create an empty OME-Zarr image: one array per level (level i is ``shape / factors[i]``, rounded up).
 
@@ -194,6 +204,8 @@ def create_ome_zarr(
         ngff_version: ``"0.5"`` (Zarr v3) or ``"0.4"`` (Zarr v2).
         shards: level-0 shard (z, y, x) voxels (Zarr v3 only; see :func:`level_layout`); None: one file per chunk.
         origin_nm: (z, y, x) nm translation of the image (an ROI's place in its input); None: none.
+        channels: a multi-channel image (axes c, z, y, x; one chunk and shard per channel, so channels are
+            written independently): OMERO channel entries (``label``, ``color`` as RRGGBB, optional ``window``).
 
     Returns:
         the group; its arrays are ``group["0"]``, ``group["1"]``, …
@@ -205,14 +217,17 @@ def create_ome_zarr(
     shards = check_shards(shards, version)
     fmt = _ngff_format(version)
     group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=fmt.zarr_format)
-    extra: dict[str, Any] = {"dimension_names": [a["name"] for a in AXES]} if fmt.zarr_format == 3 else {}
+    axes = ([CHANNEL_AXIS] if channels else []) + copy.deepcopy(AXES)
+    extra: dict[str, Any] = {"dimension_names": [a["name"] for a in axes]} if fmt.zarr_format == 3 else {}
+    lead = (len(channels),) if channels else ()
+    one = (1,) if channels else ()
     for i, f in enumerate(factors):
         lshape, lchunks, lshards = level_layout(shape, f, chunks, shards)
         group.create_array(
             str(i),
-            shape=lshape,
-            chunks=lchunks,
-            shards=lshards,
+            shape=lead + lshape,
+            chunks=one + lchunks,
+            shards=None if lshards is None else one + lshards,
             dtype=dtype,
             fill_value=0,
             compressors=_compressor(fmt.zarr_format),
@@ -221,11 +236,13 @@ def create_ome_zarr(
         )
     _writer().write_multiscales_metadata(
         group,
-        datasets_metadata(voxel_size_nm, factors, origin_nm),
+        datasets_metadata(voxel_size_nm, factors, origin_nm, channel_axis=bool(channels)),
         fmt=fmt,
-        axes=copy.deepcopy(AXES),
+        axes=axes,
         name=name,
     )
+    if channels:
+        _writer().add_metadata(group, {"omero": {"channels": [dict(c) for c in channels]}}, fmt=fmt)
     if attributes:
         group.attrs.update(attributes)
     return group

@@ -147,7 +147,9 @@ def check_output_levels(arrays: Sequence[zarr.Array], plan: BlockPlan, root: Pat
     """The output arrays must have the region's shape per level, ``out_dtype`` and chunks (shards, when sharded)
     aligned with the blocks: no two blocks may write into one chunk or shard file."""
     for lvl, arr in enumerate(arrays):
-        if np.dtype(arr.dtype) != np.dtype(out_dtype):
+        per_channel = arr.ndim == 4 and arr.chunks[0] == 1  # channels written independently (the first by us)
+        fits = per_channel and np.can_cast(np.dtype(out_dtype), np.dtype(arr.dtype), "safe")
+        if np.dtype(arr.dtype) != np.dtype(out_dtype) and not fits:
             raise ValueError(f"{root}: level {lvl} has dtype {arr.dtype}, expected {out_dtype}")
         f = (1, 2**lvl, 2**lvl)
         want = tuple(-(-s // k) for s, k in zip(plan.shape, f, strict=True))
@@ -166,8 +168,8 @@ def check_output_levels(arrays: Sequence[zarr.Array], plan: BlockPlan, root: Pat
                     f"{root}: level {lvl} {what} {fmt_voxels(files)} are not aligned with blocks of"
                     f" {fmt_voxels(plan.block_shape)}; blocks would share {what}"
                 )
-        if arr.ndim == 4 and arr.chunks[0] != arr.shape[0]:
-            raise ValueError(f"{root}: level {lvl} must hold all channels in one chunk")
+        if arr.ndim == 4 and arr.chunks[0] not in (arr.shape[0], 1):
+            raise ValueError(f"{root}: level {lvl} must hold all channels in one chunk, or one per chunk")
 
 
 class BlockDataModule(L.LightningDataModule):
@@ -512,8 +514,8 @@ class BlockWriter(BasePredictionWriter):
                         f"the network returned {level_data.shape[0]} channels but output level {lvl} is 3D"
                     )
                 arr[sl] = level_data[0]
-            else:
-                arr[(slice(None), *sl)] = level_data
+            else:  # the network's channels are the image's first ones (a caller may write the others)
+                arr[(slice(0, level_data.shape[0]), *sl)] = level_data
 
     def finish_block(self, index: int) -> None:
         """Create block ``index``'s done-markers (every level; its data were written before) and count it."""

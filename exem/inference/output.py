@@ -258,6 +258,7 @@ def create_image(
     name: str,
     replace: bool = False,
     ngff_version: str | float = DEFAULT_NGFF_VERSION,
+    channels: Sequence[Mapping[str, Any]] | None = None,
 ) -> zarr.Group:
     """Create the empty OME-Zarr pyramid an engine run writes into (global rank 0, inside the run).
 
@@ -274,6 +275,8 @@ def create_image(
         name: the multiscales name.
         replace: delete what is at ``path`` first.
         ngff_version: ``"0.5"`` (Zarr v3, the default) or ``"0.4"`` (Zarr v2; not with ``plan.shards``).
+        channels: OMERO entries of a multi-channel image (``(C, Z, Y, X)`` levels, one chunk per channel): the
+            engine writes the first channels, the others are written by the caller.
     """
     out = Path(path)
     if replace:
@@ -293,4 +296,5 @@ def create_image(
         ngff_version=ngff_version,
         shards=plan.shards,
         origin_nm=offset if any(plan.origin) else None,
+        channels=channels,
     )

@@ -27,9 +27,23 @@ from exem.checks import one_of, triple
 from exem.data.ome import DEFAULT_NGFF_VERSION
 from exem.data.resample import RescaledNetwork, resample_volume, same_voxel_size, scale_roi
 from exem.data.volume import Volume
+from exem.inference.companions import (
+    VIRTUAL_EM_CHANNEL,
+    channel_entries,
+    companion_channels,
+    storage_dtype,
+    write_companions,
+)
 from exem.inference.engine import OUT_DTYPES, on_cpu, run_blockwise
 from exem.inference.job import check_patch, open_input, plan_job
-from exem.inference.output import GRID_KEYS, create_image, inspect_output, local_output
+from exem.inference.output import (
+    GRID_KEYS,
+    create_image,
+    inspect_output,
+    local_output,
+    read_record,
+    update_record,
+)
 from exem.inference.plan import default_overlap
 from exem.trained import TrainedGenerator, as_trained, trained_normalization
 
@@ -50,7 +64,7 @@ COMPILE_AUTO_VOXELS = 2**30
 DEFAULT_PATCH = (16, 256, 256)
 OUTPUT_SCALES = ("input", "model")
 # The record keys a resume must match: the grid's and the generator's (and the resampling).
-RECORD_KEYS = (*GRID_KEYS, "generator", "scale")
+RECORD_KEYS = (*GRID_KEYS, "generator", "scale", "channels")
 
 
 @dataclass(frozen=True)
@@ -189,6 +203,7 @@ def translate_volume(
     intensity_range: Sequence[float] | None = None,
     percentiles: Sequence[float] | None = None,
     channel: int | str | None = None,
+    other_channels: bool = True,
     chunks: Sequence[int] | None = None,
     autocast_dtype: str | None = None,
     progress: bool = True,
@@ -231,6 +246,8 @@ def translate_volume(
             None → the generator's training normalisation when it has one
             (:func:`~exem.trained.trained_normalization`), else the dtype range.
         channel: the pan-protein channel of a multi-channel input (index or name); None for a single channel.
+        other_channels: with ``channel``, write the input's other channels (antibodies) beside the virtual EM: the
+            output is then one ``(C, Z, Y, X)`` OME-Zarr, channel 0 ``virtual_em`` (:mod:`exem.inference.companions`).
         chunks: output chunk shape (z, y, x); None → ``(2·patch_z, 256, 256)`` capped by the shape.
         autocast_dtype: ``bfloat16``/``float16`` to run the generator under autocast (GPU); None → float32.
         progress: show a progress bar (blocks, Mvox/s) on stderr.
@@ -275,6 +292,7 @@ def translate_volume(
     if not isinstance(input, Volume):  # an opened Volume already carries its normalisation
         intensity_range, percentiles = trained_normalization(trained, intensity_range, percentiles)
     volume = open_input(input, input_level, intensity_range, percentiles, channel)
+    source, companions = volume, companion_channels(volume) if other_channels else []
     model_nm = model_voxel_size_nm if model_voxel_size_nm is not None else trained.voxel_size_nm
     net, volume, roi, resampled = _apply_scale(
         generator, volume, roi, model_nm, bool(resample), str(output_scale)
@@ -312,6 +330,9 @@ def translate_volume(
             "fingerprint": weights_fingerprint(generator),
         },
         scale=scale,
+        channels=[VIRTUAL_EM_CHANNEL, *(str(source.channel_names[c]) for c in companions)]
+        if companions
+        else None,  # type: ignore[index]
     )
     action = inspect_output(
         out,
@@ -340,14 +361,18 @@ def translate_volume(
                 create_image,
                 out,
                 plan,
-                dtype,
+                storage_dtype(dtype, job.volume.dtype)
+                if companions
+                else dtype,  # holds the other channels too
                 job.voxel_size_nm,
                 attributes,
                 name=name,
                 replace=action == "overwrite",
                 ngff_version=job.ngff_version,
+                channels=channel_entries(source, companions, dtype) if companions else None,
             )
         )
+
         result = run_blockwise(
             net,
             job.volume,
@@ -365,6 +390,9 @@ def translate_volume(
         )
         blocks_done, blocks_skipped = result.blocks_done, result.blocks_skipped
         voxels, rank = result.voxels_done, result.global_rank
+    if companions and rank == 0 and not (read_record(out) or {}).get("channels_written"):
+        write_companions(source, companions, plan, out, model_nm if resampled == "model" else None)
+        update_record(out, channels_written=True)
     seconds = time.perf_counter() - t0
     rate = voxels / seconds / 1e6 if seconds > 0 else 0.0
     if rank == 0 and action != "complete":

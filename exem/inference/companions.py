@@ -1,0 +1,116 @@
+"""The other channels of a multi-channel ExM input, written beside the virtual EM on its voxel grid.
+
+An ExM sample carries a pan-protein channel (translated) and antibody channels (molecular identity). When
+``translate_volume`` translates one channel of a ``(C, Z, Y, X)`` input, the output is one multi-channel OME-Zarr
+``(C, Z, Y, X)``: channel 0 the virtual EM (written by the engine), then the input's other channels in their
+own intensity units (copied block by block over the run's plan, resampled with the translation when the output
+is at the model's voxel size), with OMERO names and colours so napari shows the antibodies over the virtual EM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from exem.data.ome import CHANNEL_COLORS, downsample_inplane
+from exem.data.volume import Volume, open_volume
+from exem.inference.plan import BlockPlan
+
+__all__ = ["VIRTUAL_EM_CHANNEL", "channel_entries", "companion_channels", "storage_dtype", "write_companions"]
+
+log = logging.getLogger(__name__)
+
+# The name of the translated channel in a multi-channel output.
+VIRTUAL_EM_CHANNEL = "virtual_em"
+
+
+def companion_channels(volume: Volume) -> list[int]:
+    """Indices of the input's channels other than the translated one (empty for a single-channel input)."""
+    if volume.channel is None or not volume.channel_names:
+        return []
+    return [i for i in range(len(volume.channel_names)) if i != volume.channel]
+
+
+def storage_dtype(out_dtype: str, source_dtype: Any) -> str:
+    """The one dtype of a multi-channel output: the virtual EM's, widened to hold the other channels' values."""
+    return str(np.promote_types(np.dtype(out_dtype), np.dtype(source_dtype)))
+
+
+def _window(dtype: Any) -> dict[str, float]:
+    dt = np.dtype(dtype)
+    lo, hi = (float(np.iinfo(dt).min), float(np.iinfo(dt).max)) if dt.kind in "ui" else (0.0, 1.0)
+    return {"min": lo, "max": hi, "start": lo, "end": hi}
+
+
+def channel_entries(volume: Volume, companions: Sequence[int], out_dtype: str) -> list[dict[str, Any]]:
+    """OMERO channel entries: the virtual EM (grey, its value range), then the companions (colours cycled)."""
+    names = volume.channel_names or ()
+    entries = [
+        {"label": VIRTUAL_EM_CHANNEL, "color": "FFFFFF", "active": True, "window": _window(out_dtype)},
+    ]
+    for k, c in enumerate(companions):
+        entries.append(
+            {
+                "label": str(names[c]),
+                "color": CHANNEL_COLORS[k % len(CHANNEL_COLORS)],
+                "active": True,
+                "window": _window(volume.dtype),
+            }
+        )
+    return entries
+
+
+def write_companions(
+    volume: Volume,
+    companions: Sequence[int],
+    plan: BlockPlan,
+    output: str | Path,
+    resample_to_nm: Sequence[float] | None = None,
+) -> None:
+    """Copy channels ``companions`` of ``volume``'s source into channels 1, 2, … of ``output`` (every level).
+
+    Args:
+        volume: the translated channel's volume (its path, level and voxel size locate the others).
+        companions: input channel indices, in the output's order.
+        plan: the translation's plan (its region and blocks: the same voxels as the virtual EM's).
+        output: the multi-channel OME-Zarr the engine wrote channel 0 of.
+        resample_to_nm: the model's voxel size when the output is at the model's scale (``output_scale=model``);
+            None: the input's grid.
+    """
+    from exem.data.resample import resample_volume
+
+    group = zarr.open_group(str(output), mode="r+")
+    levels = [group[str(lvl)] for lvl in range(plan.levels)]
+    o = plan.origin
+    for k, c in enumerate(companions, start=1):
+        source = open_volume(
+            volume.path,
+            level=volume.level,
+            channel=c,
+            voxel_size=volume.voxel_size_nm,
+            intensity_range=(0, 1),
+        )
+        if resample_to_nm is not None:
+            source = resample_volume(source, resample_to_nm)
+        for block in plan.blocks:
+            box = tuple(
+                slice(a + o[i], b + o[i])
+                for i, (a, b) in enumerate(zip(block.start, block.stop, strict=True))
+            )
+            data = source.read(box)  # type: ignore[arg-type]
+            for lvl, arr in enumerate(levels):
+                if lvl:
+                    data = downsample_inplane(data)
+                f = 2**lvl
+                sl = (
+                    slice(block.start[0], block.start[0] + data.shape[0]),
+                    slice(block.start[1] // f, block.start[1] // f + data.shape[1]),
+                    slice(block.start[2] // f, block.start[2] // f + data.shape[2]),
+                )
+                arr[(k, *sl)] = data.astype(arr.dtype, copy=False)
+        log.info("%s: channel %s written beside the virtual EM", output, (volume.channel_names or ())[c])
