@@ -14,6 +14,14 @@ import zarr
 from exem.data.volume import VolumeError, open_volume
 
 PAN, ANTIBODY = 0, 1
+TRANSLATE = {"patch": (4, 16, 16), "progress": False, "intensity_range": (0, 4000)}
+
+
+def _generator() -> torch.nn.Module:
+    from exem.models import AnisotropicUNet3D
+
+    torch.manual_seed(0)
+    return AnisotropicUNet3D(widths=(2, 4)).eval()
 
 
 @pytest.fixture
@@ -110,12 +118,10 @@ def test_translate_and_training_data_take_the_pan_protein_channel(
 ) -> None:
     from exem.data.datamodule import ExEMDataModule
     from exem.inference.translate import translate_volume
-    from exem.models import AnisotropicUNet3D
 
     path = _ome(tmp_path / "sample.ome.zarr", two_channels, ["nhs_ester", "antibody"])
-    torch.manual_seed(0)
-    net = AnisotropicUNet3D(widths=(2, 4)).eval()
-    kwargs = {"patch": (4, 16, 16), "progress": False, "dtype": "float32", "intensity_range": (0, 4000)}
+    net = _generator()
+    kwargs = {**TRANSLATE, "dtype": "float32"}
     by_channel = translate_volume(net, path, tmp_path / "a.ome.zarr", channel="nhs_ester", **kwargs)
     single = tmp_path / "pan.zarr"
     zarr.create_array(str(single), data=two_channels[PAN], chunks=(6, 32, 32))
@@ -138,11 +144,9 @@ def test_translation_writes_the_other_channels_beside_the_virtual_em(
     from exem.data.ome import ome_attributes
     from exem.inference.output import read_record, update_record
     from exem.inference.translate import translate_volume
-    from exem.models import AnisotropicUNet3D
 
     path = _ome(tmp_path / "sample.ome.zarr", two_channels, ["nhs_ester", "antibody"])
-    torch.manual_seed(0)
-    net = AnisotropicUNet3D(widths=(2, 4)).eval()
+    net = _generator()
     kwargs = {
         "patch": (4, 16, 16),
         "progress": False,
@@ -159,7 +163,9 @@ def test_translation_writes_the_other_channels_beside_the_virtual_em(
     assert level0.shape == (2, 6, 32, 32) and level0.dtype == np.uint16  # uint8 virtual EM + uint16 antibody
     assert level1.shape == (2, 6, 16, 16)
     virtual = zarr.open_group(str(alone.output), mode="r")
-    assert np.array_equal(level0[0], virtual["0"][:]) and np.array_equal(level1[0], virtual["1"][:])
+    # the uint8 virtual EM in the uint16 store: 0…255 → 0…65535 (×257), the same values normalised by the dtype
+    assert np.array_equal(level0[0], virtual["0"][:].astype(np.uint16) * 257)
+    assert np.array_equal(level1[0], virtual["1"][:].astype(np.uint16) * 257)
     assert np.array_equal(level0[1], two_channels[ANTIBODY])  # raw units, the input's grid
     from exem.data.ome import downsample_inplane
 
@@ -181,3 +187,38 @@ def test_translation_writes_the_other_channels_beside_the_virtual_em(
     )
     assert again.blocks_done == 0 and read_record(out)["channels_written"]
     assert np.array_equal(zarr.open_group(str(out), mode="r")["0"][1], two_channels[ANTIBODY])
+
+
+def test_uint8_virtual_em_in_a_wider_store_keeps_its_normalised_values() -> None:
+    from exem.data.volume import normalize
+    from exem.inference.blockio import to_storage
+
+    v = np.arange(256, dtype=np.uint8)
+    for dtype in (np.uint16, np.int16, np.uint32):
+        info = np.iinfo(dtype)
+        stored = to_storage(v, dtype)
+        assert stored.dtype == dtype and stored[0] == info.min and stored[-1] == info.max
+        assert np.allclose(normalize(stored, info.min, info.max), normalize(v, 0, 255), atol=1e-6)
+    assert to_storage(v.astype(np.float32), np.float32).dtype == np.float32
+
+
+def test_segmentation_reads_the_virtual_em_channel_of_a_multichannel_translation(
+    tmp_path: Path, two_channels: np.ndarray
+) -> None:
+    from exem.analysis.segment import segment_volume
+    from exem.inference.translate import translate_volume
+
+    path = _ome(tmp_path / "sample.ome.zarr", two_channels, ["nhs_ester", "antibody"])
+    net = _generator()
+    kwargs = dict(TRANSLATE)
+    multi = translate_volume(net, path, tmp_path / "multi.ome.zarr", channel=0, **kwargs).output
+    alone = translate_volume(
+        net, path, tmp_path / "alone.ome.zarr", channel=0, other_channels=False, **kwargs
+    ).output
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Sigmoid()).eval()
+    opts = {"patch": (4, 16, 16), "dtype": "float32", "progress": False}
+    a = segment_volume(model, multi, tmp_path / "seg_multi", **opts)  # its virtual_em channel by default
+    b = segment_volume(model, alone, tmp_path / "seg_alone", **opts)
+    pa = zarr.open_group(str(a.probabilities), mode="r")["0"][:]
+    pb = zarr.open_group(str(b.probabilities), mode="r")["0"][:]
+    assert np.abs(pa - pb).max() < 1e-5 and a.num_objects == b.num_objects

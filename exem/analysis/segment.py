@@ -56,6 +56,7 @@ from exem.bioimageio.processing import full_range, reproduce_or_fail
 from exem.checks import one_of, triple
 from exem.data.ome import create_group, is_group, ngff_version_of, write_image_label
 from exem.data.volume import Volume
+from exem.inference.companions import VIRTUAL_EM_CHANNEL
 from exem.inference.engine import run_blockwise
 from exem.inference.job import open_input, plan_job
 from exem.inference.output import (
@@ -225,6 +226,7 @@ def segment_volume(
     min_size: int | None = None,
     channel: int | str | None = None,
     check: bool = False,
+    input_channel: int | str | None = None,
     options: Mapping[str, Any] | None = None,
     dtype: str = "float16",
     overwrite: bool = False,
@@ -261,6 +263,8 @@ def segment_volume(
         min_size: objects (foreground) or seeds (boundary) with fewer voxels are dropped.
         channel: the model's output channel (index; or name, for a package; default 0). A package channel named
             like a boundary makes ``kind`` default to ``boundary``.
+        input_channel: of a multi-channel input (index or name); default: its ``virtual_em`` channel (the output of
+            ``exem-translate channel=…``), else one-line error listing the channels.
         check: run a package's test input through exem's path and compare with its test output (within the
             package's tolerance) before anything is written; the result is in :attr:`SegmentResult.check`.
         options: sidecar-level options (:data:`OPTION_KEYS`) for a module ``model``, or over a file's sidecar.
@@ -313,12 +317,13 @@ def segment_volume(
     opts = resolve_options(explicit, sidecar)
     segmenter = segmenter.with_channel(opts["channel"])
     package, overlap, statistics, checked = segmenter.package, opts["overlap"], None, None
+    in_channel = (input_channel, VIRTUAL_EM_CHANNEL)  # a multi-channel translation: its virtual EM by default
     if package is None:
         if check:
             raise ValueError(
                 f"check=true needs a bioimage.io package (with test tensors); {segmenter.source} is not one"
             )
-        volume = open_input(input, input_level, opts["normalize"], opts["percentiles"])
+        volume = open_input(input, input_level, opts["normalize"], opts["percentiles"], *in_channel)
     else:
         if opts["normalize"] is not None or opts["percentiles"] is not None:
             raise ValueError(
@@ -326,7 +331,9 @@ def segment_volume(
                 " (its preprocessing normalises, with statistics of the whole volume)"
             )
         checked = reproduce_or_fail(segmenter.net) if check else None
-        volume = open_input(input, input_level, (0.0, 1.0))  # the raw range is set from the data next
+        volume = open_input(
+            input, input_level, (0.0, 1.0), None, *in_channel
+        )  # raw range set from the data next
         volume = open_input(volume, intensity_range=full_range(volume))
         statistics = segmenter.net.fit_volume(volume)
     region = resolve_region(volume.shape, roi, (1, 1, 1))

@@ -105,12 +105,13 @@ def declared_channel_names(array: Any, tiff_axes: str | None = None) -> list[str
 
 
 def choose_channel(
-    array: Any, names: Sequence[str] | None, channel: int | str | None, path: str
+    array: Any, names: Sequence[str] | None, channel: int | str | None, path: str, prefer: str | None = None
 ) -> tuple[Any, int | None, tuple[str, ...] | None]:
     """``(the (Z, Y, X) array, channel index, all channel names)`` of ``array`` for ``channel``.
 
     A 3D array is returned as is (``channel`` may then only be 0 or None). A 4D array is ``(C, Z, Y, X)``: its
-    channel is chosen by index or by name; ``names`` (declared, or None) label the channels.
+    channel is chosen by index or by name; ``names`` (declared, or None) label the channels. With no ``channel``,
+    a declared channel named ``prefer`` is taken (e.g. ``virtual_em`` of exem's multi-channel translations).
 
     Raises:
         ValueError: one line: a channel that does not exist, a 4D array and no channel chosen, a channel asked of
@@ -132,6 +133,8 @@ def choose_channel(
         tuple(names) if names is not None and len(names) == count else tuple(f"c{i}" for i in range(count))
     )
     listing = ", ".join(f"{i}: {n}" for i, n in enumerate(labels))
+    if channel is None and names is not None and prefer is not None and prefer in labels:
+        channel = prefer
     if channel is None:
         what = f"{count} channels ({listing})" if names is not None else f"a 4D array of shape {shape}"
         raise VolumeError(

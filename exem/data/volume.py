@@ -422,6 +422,7 @@ def open_volume(
     intensity_range: Sequence[float] | None = None,
     percentiles: Sequence[float] | None = None,
     channel: int | str | None = None,
+    prefer_channel: str | None = None,
 ) -> Volume:
     """Open and validate one ``(Z, Y, X)`` volume without reading it (reads a bounded sample at most).
 
@@ -436,6 +437,7 @@ def open_volume(
         percentiles: (lo %, hi %) of a bounded random sample (fixed seed) used as the intensity range.
         channel: of a multi-channel ``(C, Z, Y, X)`` volume, by index or name (:mod:`exem.data.channels`: OME-Zarr
             ``c`` axes with ``omero`` names, Zarr v3 ``c`` dimensions, ``CZYX`` TIFFs; any 4D array when given).
+            ``prefer_channel``: the channel of that name when none is given and the volume declares it.
 
     Raises:
         VolumeError: one line naming the path and the problem.
@@ -461,7 +463,9 @@ def open_volume(
     if not isinstance(source, (str, Path)) and level not in (None, 0):
         raise VolumeError(f"{path}: level {level} requested but an in-memory array has a single level")
 
-    array, channel_index, channel_names = choose_channel(squeeze_leading(array), declared, channel, path)
+    array, channel_index, channel_names = choose_channel(
+        squeeze_leading(array), declared, channel, path, prefer_channel
+    )
     if locator is not None and channel_index is not None:
         locator = replace(locator, channel=channel_index)
     shape = tuple(int(s) for s in array.shape)

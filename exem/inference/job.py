@@ -37,9 +37,11 @@ def open_input(
     intensity_range: Sequence[float] | None = None,
     percentiles: Sequence[float] | None = None,
     channel: int | str | None = None,
+    prefer_channel: str | None = None,
 ) -> Volume:
     """The input volume of a run: ``open_volume`` for a path (or array), an opened :class:`Volume` as it is.
-    ``channel``: of a multi-channel input (index or name; an opened volume keeps its own).
+    ``channel``: of a multi-channel input (index or name; an opened volume keeps its own); ``prefer_channel``: the
+    channel of that name when none is given (:func:`~exem.data.volume.open_volume`).
 
     An opened volume carries its own normalisation: ``intensity_range`` replaces it, ``percentiles`` is refused.
 
@@ -58,7 +60,12 @@ def open_input(
             return replace(source, intensity_range=(lo, hi))
         return source
     return open_volume(
-        source, level=level, intensity_range=intensity_range, percentiles=percentiles, channel=channel
+        source,
+        level=level,
+        intensity_range=intensity_range,
+        percentiles=percentiles,
+        channel=channel,
+        prefer_channel=prefer_channel,
     )
 
 
