@@ -172,3 +172,9 @@ def train_segmenter_main(cfg: DictConfig) -> None:
     if threads is not None:
         torch.set_num_threads(int(threads))
     print(train_segmenter(args.pop("out_dir"), **args).summary())
+
+
+@command("exem-measure", "measure")
+def measure_main(cfg: DictConfig) -> None:
+    """``exem-measure``: one row per labelled object (size, centroid, box, intensities) → CSV, Parquet, PNG."""
+    print(_call(cfg.measure).summary())

@@ -125,6 +125,17 @@ def build_world(tmp: Path) -> SimpleNamespace:
     zarr.create_array(str(w.strings), shape=(4, 8, 8), dtype=str, chunks=(4, 8, 8))
     w.float_range = _zarr(tmp / "float_range.zarr", (rng.random(shape, dtype=np.float32) * 3000))
     w.constant = _zarr(tmp / "constant.zarr", np.full(shape, 7, np.uint8))
+    channels = zarr.create_array(
+        str(tmp / "two_channels.zarr"), shape=(2, *shape), dtype="uint8", chunks=(1, *shape),
+        dimension_names=["c", "z", "y", "x"],
+    )  # fmt: skip
+    channels[:] = rng.integers(0, 256, (2, *shape), dtype=np.uint8)
+    w.two_channels = tmp / "two_channels.zarr"
+    w.labels = _zarr(tmp / "labels.zarr", (rng.random(shape) < 0.05).astype(np.uint32) * 7)
+    w.half = _zarr(tmp / "half.zarr", rng.integers(0, 256, (8, 64, 64), dtype=np.uint8))
+
+    w.labels_ome = write_ome_zarr(tmp / "labels.ome.zarr", np.zeros(shape, np.uint32), (40.0, 10.0, 10.0))
+    w.coarse_ome = write_ome_zarr(tmp / "coarse.ome.zarr", np.zeros(shape, np.uint8), (40.0, 20.0, 20.0))
     w.two_levels = _zarr(tmp / "two_levels.zarr", np.where(rng.random(shape) < 0.3, 50, 200).astype(np.uint8))
     nan = rng.random(shape, dtype=np.float32)
     nan[4:8, 10:20, 10:20] = np.nan
@@ -270,7 +281,14 @@ def _evaluate(w: SimpleNamespace, *extra: str) -> list[str]:
 
 
 T, X, E, S, V = "exem-train", "exem-translate", "exem-export", "exem-segment", "exem-evaluate"
-C = "exem-calibrate"
+C, M = "exem-calibrate", "exem-measure"
+
+
+def _measure(
+    w: SimpleNamespace, *extra: str, labels: Path | None = None, images: str | None = None
+) -> list[str]:
+    return [f"labels={labels or w.labels}", f"images=[{images or w.good}]", "out=measured", *extra]
+
 
 CASES: list[Case] = [
     # --- training data
@@ -395,6 +413,23 @@ CASES: list[Case] = [
          lambda w: _export(w, "formats=[exem,pdf]"), "unknown export format 'pdf'", slow=True),
     Case("export-example-not-divisible", E, "example shape Y×X not divisible",
          lambda w: _export(w, "formats=[torchscript]", "example_shape=[1,1,4,30,32]"), "example_shape", slow=True),
+    Case("translate-missing-channel", X, "a channel the multi-channel input does not have",
+         lambda w: _translate(w, "channel=tubulin", input=w.two_channels), "no channel 'tubulin'"),
+    Case("translate-multichannel-no-channel", X, "a multi-channel input and no channel chosen",
+         lambda w: _translate(w, input=w.two_channels), "choose one with channel=", slow=True),
+    # --- measurements (exem-measure)
+    Case("measure-float-labels", M, "labels that are not integers",
+         lambda w: _measure(w, labels=w.float_range), "is not an integer dtype"),
+    Case("measure-shapes-differ", M, "labels and an image of different shapes",
+         lambda w: _measure(w, images=str(w.half)), "give volumes on the same voxel grid"),
+    Case("measure-voxel-sizes-differ", M, "labels and an image of different voxel sizes",
+         lambda w: _measure(w, labels=w.labels_ome, images=str(w.coarse_ome)), "voxel size"),
+    Case("measure-expansion-factor-zero", M, "an expansion factor ≤ 0",
+         lambda w: _measure(w, "expansion_factor=0"), "expansion_factor must be a number > 0"),
+    Case("measure-missing-channel", M, "a channel the image does not have",
+         lambda w: _measure(w, "channels=[tubulin]", images=str(w.two_channels)), "no channel 'tubulin'"),
+    Case("measure-names-count", M, "more names than images",
+         lambda w: _measure(w, "names=[a,b]"), "names has 2 entries", slow=True),
     # --- segmentation
     Case("segment-unknown-model-type", S, "segmenter file of unknown type (.h5)",
          lambda w: _segment(w, model=w.unknown_model), "model"),
@@ -557,7 +592,7 @@ def outcomes(world: SimpleNamespace, request: pytest.FixtureRequest) -> dict[str
 def test_the_catalogue_is_complete() -> None:
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) + len(API_CASES) >= 30
-    assert {c.prog for c in CASES} == {T, C, X, E, S, V}
+    assert {c.prog for c in CASES} == {T, C, X, E, S, V, M}
     assert all(sum(c.prog == p for c in CASES) >= 3 for p in (S, V))
     assert sum(not c.slow for c in CASES) + len(API_CASES) >= 30  # in the default run
 
@@ -577,10 +612,9 @@ def test_bad_input_gives_one_line(case: Case, outcomes: dict[str, Outcome], worl
     assert sum(ln.startswith(f"{case.prog}: error:") for ln in o.stderr.splitlines()) == 1, report
     if case.watch is not None:
         assert o.before is not None and o.after == o.before, "an existing output was modified"
-    if case.prog == S:
-        assert not (world.tmp / "cases" / case.id / "seg.zarr").exists(), (
-            "a refused segmentation wrote its output"
-        )
+    written = {S: "seg.zarr", M: "measured"}.get(case.prog)
+    if written is not None:
+        assert not (world.tmp / "cases" / case.id / written).exists(), "a refused command wrote its output"
     assert not world.payload_marker.exists(), "a pickled payload was executed"
 
 

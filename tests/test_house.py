@@ -60,6 +60,7 @@ def test_the_private_import_check_finds_one() -> None:
         ("segment", "segment", "exem.analysis.segment.segment_volume"),
         ("evaluate", "evaluate", "exem.analysis.evaluate.evaluate"),
         ("export", "export", "exem.export.export_generator"),
+        ("measure", "measure", "exem.analysis.measure.measure_objects"),
     ],
 )
 def test_command_configs_name_what_they_call(config: str, node: str, target: str) -> None:

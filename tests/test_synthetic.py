@@ -262,7 +262,10 @@ def test_full_size_timing() -> None:
 
 # --- the dataset on disk -------------------------------------------------------------------------------
 
-NAMES = {"exm_train", "em_train", "em_train_paired", "exm_test", "em_test", "labels_test", "mito_test"}
+NAMES = {
+    "exm_train", "em_train", "em_train_paired", "exm_test", "em_test", "labels_test", "mito_test", "antibody_test",
+    "exm_antibody_test",
+}  # fmt: skip
 
 
 def _mtimes(paths: dict[str, Path]) -> dict[str, int]:
@@ -285,7 +288,8 @@ def test_write_synthetic_dataset(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         assert ms is not None
         assert level_scale(ms, 0) == ("0", VOXEL)
         assert level_scale(ms, 1) == ("1", (40.0, 20.0, 20.0))
-        assert group["0"].shape == SMALL and group["1"].shape == (16, 32, 32)
+        lead = (2,) if name == "exm_antibody_test" else ()  # the two-channel sample
+        assert group["0"].shape == lead + SMALL and group["1"].shape == lead + (16, 32, 32)
         meta = group.attrs["exem_synthetic"]
         assert meta["seed"] == seeds.get(name, 13)
         assert meta["shape"] == list(SMALL)
@@ -295,6 +299,22 @@ def test_write_synthetic_dataset(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert zarr.open_array(str(paths["labels_test"] / "0"), mode="r").dtype == np.uint8
     assert zarr.open_array(str(paths["mito_test"] / "0"), mode="r").dtype == np.uint32
     assert not list(out.glob(".*tmp*"))  # no temporary leftovers
+
+    # the antibody marks 40 % of the held-out mitochondria, brighter inside them; the sample holds both channels
+    from exem.data.volume import open_volume
+
+    mito = zarr.open_group(str(paths["mito_test"]), mode="r")["0"][:]
+    antibody = zarr.open_group(str(paths["antibody_test"]), mode="r")["0"][:].astype(np.float64)
+    positive = zarr.open_group(str(paths["antibody_test"]), mode="r").attrs["exem_synthetic"][
+        "antibody_positive_mito_ids"
+    ]
+    ids = np.unique(mito[mito > 0])
+    assert len(positive) == max(1, round(0.4 * ids.size)) and set(positive) <= set(ids.tolist())
+    inside = np.isin(mito, positive)
+    assert antibody[inside].mean() > 2 * antibody[~inside].mean()
+    sample = open_volume(paths["exm_antibody_test"], channel="antibody")
+    assert sample.channel_names == ("nhs_ester", "antibody")
+    assert np.array_equal(sample.read((slice(None),) * 3), antibody.astype(np.uint16))
 
     # the test pair is one phantom rendered twice; its labels match make_phantom's
     ph = make_phantom(SMALL, seed=13, voxel_size_nm=VOXEL)

@@ -313,19 +313,33 @@ def write_ome_zarr(
     labels: bool = False,
     label_names: Mapping[int, str] | None = None,
     ngff_version: str | float = DEFAULT_NGFF_VERSION,
+    channel_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write a whole in-memory ``(Z, Y, X)`` array as an OME-Zarr pyramid (``ngff_version`` 0.5 or 0.4).
+    """Write a whole in-memory ``(Z, Y, X)`` array as an OME-Zarr pyramid (``ngff_version`` 0.5 or 0.4); with
+    ``channel_names`` a ``(C, Z, Y, X)`` array as a multi-channel image (axes c, z, y, x; OMERO labels, colours).
 
     Levels beyond the first halve Y and X only (ExM/EM volumes are anisotropic: Z is already coarse): images by
     2x2 mean, label volumes (``labels=True``) by nearest subsampling so that ids are never averaged; a label
     volume is an NGFF label image (:func:`write_image_label`; ``label_names`` give a few labels colours).
     """
-    if array.ndim != 3:
-        raise ValueError(f"write_ome_zarr expects a 3D (Z, Y, X) array, got shape {array.shape}")
+    if array.ndim != (3 if channel_names is None else 4) or (
+        channel_names and len(channel_names) != len(array)
+    ):
+        raise ValueError(f"write_ome_zarr: array of shape {array.shape} for channels {channel_names}")
     factors = [(1, 2**i, 2**i) for i in range(levels)]
+    channels = None
+    if channel_names is not None:
+        channels = [
+            {
+                "label": str(n),
+                "color": ("FFFFFF", *CHANNEL_COLORS)[i % (1 + len(CHANNEL_COLORS))],
+                "active": True,
+            }
+            for i, n in enumerate(channel_names)
+        ]
     group = create_ome_zarr(
         path,
-        array.shape,
+        array.shape[-3:],
         array.dtype,
         voxel_size_nm,
         chunks=chunks,
@@ -334,13 +348,21 @@ def write_ome_zarr(
         overwrite=overwrite,
         attributes=attributes,
         ngff_version=ngff_version,
+        channels=channels,
     )
     if labels:
         write_image_label(group, label_names=label_names)
     level = array
     for i in range(levels):
         group[str(i)][...] = level
-        level = level[:, ::2, ::2] if labels else downsample_inplane(level)
+        if labels:
+            level = level[..., ::2, ::2]
+        else:
+            level = (
+                downsample_inplane(level)
+                if level.ndim == 3
+                else np.stack([downsample_inplane(c) for c in level])
+            )
     log.debug("wrote %s %s %s", path, array.shape, array.dtype)
     return Path(path)
 

@@ -34,7 +34,7 @@ SEMANTIC_CLASSES: dict[int, str] = {0: "cytoplasm", 1: "membrane", 2: "mitochond
 
 # Independent random streams per purpose (the ``stream`` of :func:`stream_rng`): the phantom of seed s and its
 # renderings never share random numbers.
-STREAM_PHANTOM, STREAM_EM, STREAM_EXM = 0, 1, 2
+STREAM_PHANTOM, STREAM_EM, STREAM_EXM, STREAM_ANTIBODY, STREAM_ANTIBODY_RENDER = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from exem.data.phantom import STREAM_EM, STREAM_EXM, Phantom, check_voxel_size, stream_rng
+from exem.data.phantom import (
+    STREAM_ANTIBODY,
+    STREAM_ANTIBODY_RENDER,
+    STREAM_EM,
+    STREAM_EXM,
+    Phantom,
+    check_voxel_size,
+    stream_rng,
+)
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,15 @@ def render_exm(phantom: Phantom, seed: int = 0, params: ExMRenderParams | None =
     dens[phantom.mito > 0] = p.mito
     dens[phantom.cristae] = p.cristae
     dens[phantom.vesicles] = p.vesicle
+    return _fluorescence(dens, p, vs, rng)
+
+
+def _fluorescence(
+    dens: np.ndarray, p: ExMRenderParams, vs: Sequence[float], rng: np.random.Generator
+) -> np.ndarray:
+    """A density ``(Z, Y, X)`` as a fluorescence camera image: PSF blur, per-slice brightness, Poisson photons,
+    gain, offset and read noise; uint16 counts."""
+    shape = dens.shape
     sigma = [s / v for s, v in zip(p.psf_sigma_nm, vs, strict=True)]
     if any(s > 0 for s in sigma):
         dens = ndi.gaussian_filter(dens, sigma, mode="reflect", truncate=3.0)
@@ -203,3 +220,47 @@ def render_exm(phantom: Phantom, seed: int = 0, params: ExMRenderParams | None =
     counts += rng.standard_normal(shape, dtype=np.float32) * np.float32(p.read_noise)
     np.clip(counts, 0, np.iinfo(np.uint16).max, out=counts)
     return np.rint(counts).astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class AntibodyRenderParams:
+    """Knobs of :func:`render_antibody`: an antibody channel that marks a subset of the mitochondria."""
+
+    positive_fraction: float = 0.4
+    """Share of the mitochondria that carry the marker (chosen at random, reproducibly for a seed)."""
+    positive: float = 1.0
+    """Marker density inside a positive mitochondrion."""
+    level_jitter: float = 0.25
+    """Relative standard deviation of the marker density between positive mitochondria."""
+    nonspecific: float = 0.04
+    """Unspecific background density everywhere (sticky antibody)."""
+    camera: ExMRenderParams = ExMRenderParams(photons=60.0, background_photons=10.0)
+    """PSF and camera (dimmer than the pan-protein stain: antibody channels are sparse and noisier)."""
+
+
+def antibody_positive_ids(phantom: Phantom, seed: int = 0, fraction: float = 0.4) -> np.ndarray:
+    """The sorted mitochondrion ids (of ``phantom.mito``) that carry the marker: ``fraction`` of them, at random."""
+    ids = np.unique(phantom.mito)
+    ids = ids[ids > 0]
+    rng = stream_rng(seed, STREAM_ANTIBODY)
+    count = min(ids.size, max(1, int(round(float(fraction) * ids.size)))) if fraction > 0 else 0
+    return np.sort(rng.choice(ids, size=count, replace=False)) if count else ids[:0]
+
+
+def render_antibody(
+    phantom: Phantom, seed: int = 0, params: AntibodyRenderParams | None = None
+) -> np.ndarray:
+    """Render an antibody channel of the phantom: a marker filling the mitochondria of
+    :func:`antibody_positive_ids`, blurred and noisy like ExM (:class:`AntibodyRenderParams`).
+
+    Returns:
+        uint16 ``(Z, Y, X)`` camera counts on the phantom's voxel grid (the pan-protein channel's).
+    """
+    vs = _check_phantom(phantom)
+    p = params or AntibodyRenderParams()
+    positive = antibody_positive_ids(phantom, seed, p.positive_fraction)
+    rng = stream_rng(seed, STREAM_ANTIBODY_RENDER)
+    level = np.zeros(int(phantom.mito.max()) + 1, np.float32)
+    level[positive] = p.positive * (1 + p.level_jitter * rng.standard_normal(positive.size)).clip(0.3, None)
+    dens = level[phantom.mito] + np.float32(p.nonspecific)
+    return _fluorescence(dens, p.camera, vs, rng)

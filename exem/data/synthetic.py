@@ -45,12 +45,24 @@ from exem.data.phantom import (
     check_voxel_size,
     make_phantom,
 )
-from exem.data.render import EMRenderParams, ExMRenderParams, render_em, render_exm
+from exem.data.render import (
+    AntibodyRenderParams,
+    EMRenderParams,
+    ExMRenderParams,
+    antibody_positive_ids,
+    render_antibody,
+    render_em,
+    render_exm,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SEEDS",
+    "SAMPLE_CHANNELS",
+    "AntibodyRenderParams",
+    "antibody_positive_ids",
+    "render_antibody",
     "SEMANTIC_CLASSES",
     "SYNTHETIC_VERSION",
     "EMRenderParams",
@@ -82,7 +94,11 @@ _OUTPUTS: dict[str, tuple[str, str, str]] = {
     "em_test": ("test", "em", "em"),
     "labels_test": ("test", "labels", "semantic"),
     "mito_test": ("test", "labels", "mito"),
+    "antibody_test": ("test", "exm", "antibody"),
+    "exm_antibody_test": ("test", "exm", "exm+antibody"),
 }
+# The channel names of the two-channel ExM sample (pan-protein stain, antibody marking some mitochondria).
+SAMPLE_CHANNELS = ("nhs_ester", "antibody")
 
 
 def _content(what: str, phantom: Phantom, seed: int) -> np.ndarray:
@@ -90,6 +106,10 @@ def _content(what: str, phantom: Phantom, seed: int) -> np.ndarray:
         return render_exm(phantom, seed=seed)
     if what == "em":
         return render_em(phantom, seed=seed)
+    if what == "antibody":
+        return render_antibody(phantom, seed=seed)
+    if what == "exm+antibody":
+        return np.stack([render_exm(phantom, seed=seed), render_antibody(phantom, seed=seed)])
     if what == "semantic":
         return phantom.semantic
     return phantom.mito.astype(np.uint32, copy=False)
@@ -148,6 +168,9 @@ def write_synthetic_dataset(
     - ``em_train_paired``: EM rendering of phantom ``seeds["lm"]`` (the paired truth of ``exm_train``, for
       validation metrics);
     - ``exm_test``, ``em_test``: both renderings of the held-out phantom ``seeds["test"]``;
+    - ``antibody_test``: an antibody channel of the held-out phantom (uint16, ExM-like) marking a random 40 % of its
+      mitochondria (their ``mito_test`` ids in the attribute ``exem_synthetic.antibody_positive_mito_ids``);
+      ``exm_antibody_test``: the two-channel sample (c: ``nhs_ester``, ``antibody``) as one OME-Zarr;
     - ``labels_test``: its semantic labels (uint8, see :data:`SEMANTIC_CLASSES`; an NGFF label image with a
       colour and a name per class); ``mito_test``: its mitochondria instance ids (uint32, a label image).
 
@@ -225,8 +248,11 @@ def write_synthetic_dataset(
             log.info("generating synthetic phantom seed=%d shape=%s voxel=%s nm", seed, shape, vs)
             phantoms[seed] = make_phantom(shape, seed=seed, voxel_size_nm=vs)
         array = _content(what, phantoms[seed], seed)
+        meta = dict(expected[name])
+        if "antibody" in what:  # the truth: which mitochondria (ids of mito_test) carry the marker
+            meta["antibody_positive_mito_ids"] = antibody_positive_ids(phantoms[seed], seed).tolist()
         _write_atomic(
-            paths[name], array, vs, chunks, levels, expected[name], overwrite or name in replace, ngff_version
+            paths[name], array, vs, chunks, levels, meta, overwrite or name in replace, ngff_version
         )
     return paths
 
@@ -259,6 +285,7 @@ def _write_atomic(
             labels=meta["kind"] == "labels",
             label_names=SEMANTIC_CLASSES if meta["content"] == "semantic" else None,
             ngff_version=ngff_version,
+            channel_names=SAMPLE_CHANNELS if array.ndim == 4 else None,
         )
         if path.exists() and overwrite:
             shutil.rmtree(path)
