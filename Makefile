@@ -21,7 +21,9 @@ DEMO_ARGS ?=
 SYNTH := data/synthetic
 
 # Train on synthetic phantoms, translate the held-out phantom, compare with its EM rendering, then segment
-# mitochondria with the built-in EM-trained segmenter on EM, virtual EM and raw ExM and print the scores.
+# mitochondria with the built-in EM-trained segmenter on EM, virtual EM and raw ExM and print the scores; last,
+# measure the antibody channel per mitochondrion found on the virtual EM and compare the positive calls with the
+# phantom's truth.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/exem-train experiment=demo hydra.run.dir=$(DEMO_DIR) $(DEMO_ARGS)
@@ -32,6 +34,12 @@ demo: $(STAMP)
 	$(VENV)/bin/exem-evaluate exm=$(SYNTH)/exm_test.zarr checkpoint=$(DEMO_DIR)/checkpoints/last.ckpt \
 		segmenter=exem/assets/segmenters/em_mito.pt labels=$(SYNTH)/mito_test.zarr em=$(SYNTH)/em_test.zarr \
 		out=$(DEMO_DIR)/evaluation trainer=cpu
+	$(VENV)/bin/exem-measure labels=$(DEMO_DIR)/evaluation/segment_virtual_em.zarr \
+		images=[$(SYNTH)/antibody_test.zarr] names=[antibody] "positive_threshold={antibody: otsu}" \
+		expansion_factor=4.0 out=$(DEMO_DIR)/measure overwrite=true
+	$(PY) -m exem.analysis.positives --objects $(DEMO_DIR)/measure/objects.csv \
+		--labels $(DEMO_DIR)/evaluation/segment_virtual_em.zarr --truth $(SYNTH)/mito_test.zarr \
+		--antibody $(SYNTH)/antibody_test.zarr
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -44,6 +44,7 @@ from exem.analysis.measure_report import (
     default_names,
     object_table,
     output_paths,
+    resolve_thresholds,
     write_measurements,
 )
 from exem.checks import fmt_voxels, positive_ints
@@ -264,7 +265,7 @@ def measure_objects(
     *,
     names: Sequence[str] | None = None,
     expansion_factor: float | None = None,
-    positive_threshold: Mapping[str, float] | None = None,
+    positive_threshold: Mapping[str, float | str] | None = None,
     channels: Sequence[int | str | None] | None = None,
     voxel_size: Sequence[float] | None = None,
     block_shape: Sequence[int] = DEFAULT_BLOCK_SHAPE,
@@ -285,8 +286,9 @@ def measure_objects(
         expansion_factor: the gel's linear expansion; voxel sizes are divided by it for ``volume_um3``. None: the
             value recorded with the labels (or images) (:func:`recorded_expansion_factor`), else 1.0 with a
             warning (volumes in the expanded frame).
-        positive_threshold: image name → threshold in that image's raw units: ``<name>_positive`` is
-            ``<name>_mean > threshold``.
+        positive_threshold: image name → threshold in that image's raw units, or ``"otsu"`` (Otsu's threshold of
+            the objects' means: two populations, marked and unmarked): ``<name>_positive`` is
+            ``<name>_mean > threshold``; the result records the number used.
         channels: per image, the channel of a multi-channel ``(C, Z, Y, X)`` image (index, or name as
             :func:`~exem.data.volume.open_volume` reads them: OME-Zarr ``omero`` labels, …) or None (single
             channel); None: every image single-channel.
@@ -351,6 +353,9 @@ def measure_objects(
     shape = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
     boxes = block_slices(shape, block)
     merged = _measure_blocks(lab_vol, img_vols, region, boxes, progress)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = {n: merged.sums[:, i] / merged.adds[:, 0] for i, n in enumerate(names)}
+    thresholds = resolve_thresholds(thresholds, means)  # "otsu" → a number from the object means
     cols = object_table(
         merged.ids,
         merged.adds[:, 0],

@@ -162,22 +162,48 @@ def check_names(names: Sequence[str], count: int) -> tuple[str, ...]:
     return names
 
 
-def check_thresholds(thresholds: Mapping[str, float] | None, names: Sequence[str]) -> dict[str, float]:
-    """``positive_threshold`` as name → float (raw units of that image); None → none.
+# ``positive_threshold`` value: Otsu's threshold of the objects' means (two populations, e.g. marked / unmarked).
+OTSU = "otsu"
+
+
+def resolve_thresholds(
+    thresholds: Mapping[str, float | str], means: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """Thresholds as numbers: :data:`OTSU` becomes Otsu's threshold of that image's object means (raw units;
+    NaN when fewer than two distinct means)."""
+    from skimage.filters import threshold_otsu
+
+    out: dict[str, float] = {}
+    for name, value in thresholds.items():
+        if value != OTSU:
+            out[name] = float(value)
+            continue
+        m = np.asarray(means[name], dtype=np.float64)
+        out[name] = float(threshold_otsu(m)) if np.unique(m).size > 1 else math.nan
+    return out
+
+
+def check_thresholds(
+    thresholds: Mapping[str, float | str] | None, names: Sequence[str]
+) -> dict[str, float | str]:
+    """``positive_threshold`` as name → float (raw units of that image) or :data:`OTSU`; None → none.
 
     Raises:
         ValueError: a name that is not one of ``names``, a value that is not a finite number (one line).
     """
-    out: dict[str, float] = {}
+    out: dict[str, float | str] = {}
     for key, value in dict(thresholds or {}).items():
         if key not in names:
             raise ValueError(
                 f"positive_threshold names {key!r}, which is not an image's name ({', '.join(names) or 'none'})"
             )
+        if value == OTSU:
+            out[key] = OTSU
+            continue
         try:
             out[key] = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"positive_threshold of {key} must be a number, got {value!r}") from None
+            raise ValueError(f"positive_threshold of {key} must be a number or otsu, got {value!r}") from None
         if not math.isfinite(out[key]):
             raise ValueError(f"positive_threshold of {key} must be finite, got {value!r}")
     return out
@@ -265,7 +291,7 @@ def object_table(
         cols[f"{name}_max"] = peaks[:, i].astype(dtype) if np.dtype(dtype).kind in "ui" else peaks[:, i]
         cols[f"{name}_sum"] = sums[:, i]
         if name in thresholds:
-            cols[f"{name}_positive"] = means[:, i] > thresholds[name]
+            cols[f"{name}_positive"] = means[:, i] > float(thresholds[name])
     return cols
 
 
