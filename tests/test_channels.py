@@ -163,9 +163,8 @@ def test_translation_writes_the_other_channels_beside_the_virtual_em(
     assert level0.shape == (2, 6, 32, 32) and level0.dtype == np.uint16  # uint8 virtual EM + uint16 antibody
     assert level1.shape == (2, 6, 16, 16)
     virtual = zarr.open_group(str(alone.output), mode="r")
-    # the uint8 virtual EM in the uint16 store: 0…255 → 0…65535 (×257), the same values normalised by the dtype
-    assert np.array_equal(level0[0], virtual["0"][:].astype(np.uint16) * 257)
-    assert np.array_equal(level1[0], virtual["1"][:].astype(np.uint16) * 257)
+    # the uint8 virtual EM keeps its values in the uint16 store (EM models with a fixed [0, 255] read it as usual)
+    assert np.array_equal(level0[0], virtual["0"][:]) and np.array_equal(level1[0], virtual["1"][:])
     assert np.array_equal(level0[1], two_channels[ANTIBODY])  # raw units, the input's grid
     from exem.data.ome import downsample_inplane
 
@@ -189,19 +188,6 @@ def test_translation_writes_the_other_channels_beside_the_virtual_em(
     assert np.array_equal(zarr.open_group(str(out), mode="r")["0"][1], two_channels[ANTIBODY])
 
 
-def test_uint8_virtual_em_in_a_wider_store_keeps_its_normalised_values() -> None:
-    from exem.data.volume import normalize
-    from exem.inference.blockio import to_storage
-
-    v = np.arange(256, dtype=np.uint8)
-    for dtype in (np.uint16, np.int16, np.uint32):
-        info = np.iinfo(dtype)
-        stored = to_storage(v, dtype)
-        assert stored.dtype == dtype and stored[0] == info.min and stored[-1] == info.max
-        assert np.allclose(normalize(stored, info.min, info.max), normalize(v, 0, 255), atol=1e-6)
-    assert to_storage(v.astype(np.float32), np.float32).dtype == np.float32
-
-
 def test_segmentation_reads_the_virtual_em_channel_of_a_multichannel_translation(
     tmp_path: Path, two_channels: np.ndarray
 ) -> None:
@@ -217,8 +203,15 @@ def test_segmentation_reads_the_virtual_em_channel_of_a_multichannel_translation
     ).output
     model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Sigmoid()).eval()
     opts = {"patch": (4, 16, 16), "dtype": "float32", "progress": False}
-    a = segment_volume(model, multi, tmp_path / "seg_multi", **opts)  # its virtual_em channel by default
+    a = segment_volume(
+        model, multi, tmp_path / "seg_multi", **opts
+    )  # its virtual_em channel, its uint8 range
     b = segment_volume(model, alone, tmp_path / "seg_alone", **opts)
+    fixed = segment_volume(
+        model, multi, tmp_path / "seg_fixed", normalize=(0, 255), **opts
+    )  # an EM sidecar's range
+    pf = zarr.open_group(str(fixed.probabilities), mode="r")["0"][:]
     pa = zarr.open_group(str(a.probabilities), mode="r")["0"][:]
     pb = zarr.open_group(str(b.probabilities), mode="r")["0"][:]
     assert np.abs(pa - pb).max() < 1e-5 and a.num_objects == b.num_objects
+    assert np.abs(pf - pb).max() < 1e-5

@@ -11,7 +11,11 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-ORDER = ["01_quickstart.ipynb", "02_segment_virtual_em.ipynb"]  # 02 reuses 01's translator
+ORDER = [  # 02 and 03 reuse 01's translator
+    "01_quickstart.ipynb",
+    "02_segment_virtual_em.ipynb",
+    "03_antibodies_per_mitochondrion.ipynb",
+]
 
 
 def test_notebooks_list_is_complete() -> None:
@@ -54,3 +58,4 @@ def test_notebooks_run_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyP
         work / "virtual_em_test_uncertainty.ome.zarr"
     ).is_dir()
     assert (work / "evaluation" / "evaluation.csv").is_file()
+    assert (work / "antibody_per_mito" / "objects.parquet").is_file()

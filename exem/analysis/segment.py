@@ -56,7 +56,7 @@ from exem.bioimageio.processing import full_range, reproduce_or_fail
 from exem.checks import one_of, triple
 from exem.data.ome import create_group, is_group, ngff_version_of, write_image_label
 from exem.data.volume import Volume
-from exem.inference.companions import VIRTUAL_EM_CHANNEL
+from exem.inference.companions import VIRTUAL_EM_CHANNEL, virtual_em_range
 from exem.inference.engine import run_blockwise
 from exem.inference.job import open_input, plan_job
 from exem.inference.output import (
@@ -324,6 +324,8 @@ def segment_volume(
                 f"check=true needs a bioimage.io package (with test tensors); {segmenter.source} is not one"
             )
         volume = open_input(input, input_level, opts["normalize"], opts["percentiles"], *in_channel)
+        if opts["normalize"] is None and opts["percentiles"] is None:
+            volume = virtual_em_range(volume, input)
     else:
         if opts["normalize"] is not None or opts["percentiles"] is not None:
             raise ValueError(

@@ -251,19 +251,6 @@ class BlockDataModule(L.LightningDataModule):
 _DOWNSAMPLE_SLAB = 8
 
 
-def to_storage(data: np.ndarray, dtype: Any) -> np.ndarray:
-    """``data`` as the stored ``dtype`` with the same normalised values: uint8 network output into a wider integer
-    array (a multi-channel output holding 16-bit antibodies) maps 0…255 exactly onto the dtype's range
-    (``lo + v·(hi − lo)/255``: 257 per step for 16 bits), so a reader normalising by the dtype range sees the same
-    [0, 1] values; anything else is stored as it is."""
-    dt = np.dtype(dtype)
-    if data.dtype != np.uint8 or dt.kind not in "ui" or dt.itemsize == 1:
-        return data
-    info = np.iinfo(dt)
-    step = (int(info.max) - int(info.min)) // 255
-    return (data.astype(np.int64) * step + int(info.min)).astype(dt)
-
-
 def downsample_block(data: np.ndarray) -> np.ndarray:
     """2× in-plane mean of a ``(C, Z, Y, X)`` block: :func:`downsample_inplane` per channel, a few Z at a time."""
     c, z, y, x = data.shape
@@ -528,7 +515,7 @@ class BlockWriter(BasePredictionWriter):
                     )
                 arr[sl] = level_data[0]
             else:  # the network's channels are the image's first ones (a caller may write the others)
-                arr[(slice(0, level_data.shape[0]), *sl)] = to_storage(level_data, arr.dtype)
+                arr[(slice(0, level_data.shape[0]), *sl)] = level_data
 
     def finish_block(self, index: int) -> None:
         """Create block ``index``'s done-markers (every level; its data were written before) and count it."""

@@ -21,7 +21,14 @@ from exem.data.ome import CHANNEL_COLORS, downsample_inplane
 from exem.data.volume import Volume, open_volume
 from exem.inference.plan import BlockPlan
 
-__all__ = ["VIRTUAL_EM_CHANNEL", "channel_entries", "companion_channels", "storage_dtype", "write_companions"]
+__all__ = [
+    "VIRTUAL_EM_CHANNEL",
+    "channel_entries",
+    "companion_channels",
+    "storage_dtype",
+    "virtual_em_range",
+    "write_companions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +44,32 @@ def companion_channels(volume: Volume) -> list[int]:
 
 
 def storage_dtype(out_dtype: str, source_dtype: Any) -> str:
-    """The one dtype of a multi-channel output: the virtual EM's, widened to hold the other channels' values."""
+    """The one dtype of a multi-channel output: the virtual EM's, widened to hold the other channels' values.
+    The virtual EM keeps its own values (uint8: 0…255), so models with a fixed raw range (EM: [0, 255]) read it
+    as they would a single-channel translation; :func:`virtual_em_range` gives its default intensity range."""
     return str(np.promote_types(np.dtype(out_dtype), np.dtype(source_dtype)))
+
+
+def virtual_em_range(volume: Volume, source: Any) -> Volume:
+    """``volume`` with the virtual EM's own value range as its intensity range when it is the ``virtual_em``
+    channel of a multi-channel translation (stored wider than its dtype: the record's ``dtype`` gives the range);
+    any other volume as it is."""
+    from dataclasses import replace
+
+    from exem.inference.output import read_record
+
+    names = volume.channel_names or ()
+    if (
+        volume.channel is None
+        or names[volume.channel] != VIRTUAL_EM_CHANNEL
+        or not isinstance(source, (str, Path))
+    ):
+        return volume
+    dtype = np.dtype((read_record(source) or {}).get("dtype", volume.dtype))
+    if dtype.kind not in "ui" or dtype == volume.dtype:
+        return volume
+    info = np.iinfo(dtype)
+    return replace(volume, intensity_range=(float(info.min), float(info.max)))
 
 
 def _window(dtype: Any) -> dict[str, float]:
