@@ -253,3 +253,41 @@ def test_a_2d_layer_is_refused_in_one_line_before_any_work(make_napari_viewer, f
     widget.run_button.clicked.emit()  # the button: a notification, no exception
     assert widget.error == message and message in shown
     assert sorted(p.name for p in inputs["root"].iterdir()) == before
+
+
+def test_reader_opens_a_multichannel_translation_as_one_layer_per_channel(tmp_path: Path) -> None:
+    """exem-translate channel=…: the virtual EM (grey) and the antibody (green, additive) at the same scale."""
+    import zarr as _zarr
+
+    from exem.data.ome import write_ome_zarr
+    from exem.inference.translate import translate_volume
+    from exem.models import AnisotropicUNet3D
+    from exem.napari.reader import read_exem
+
+    rng = np.random.default_rng(0)
+    sample = np.stack([rng.integers(0, 4000, (6, 32, 32)), rng.integers(0, 200, (6, 32, 32))]).astype(
+        np.uint16
+    )
+    src = write_ome_zarr(
+        tmp_path / "sample.ome.zarr",
+        sample,
+        (40.0, 10.0, 10.0),
+        chunks=(6, 32, 32),
+        channel_names=("nhs", "ab"),
+    )
+    torch.manual_seed(0)
+    net = AnisotropicUNet3D(widths=(2, 4)).eval()
+    out = translate_volume(
+        net, src, tmp_path / "multi.ome.zarr", channel="nhs", patch=(4, 16, 16), intensity_range=(0, 4000),
+        progress=False,
+    ).output  # fmt: skip
+    layers = read_exem(str(out))
+    assert [kw["name"] for _, kw, _ in layers] == ["multi virtual_em", "multi ab"]
+    assert all(kind == "image" and tuple(kw["scale"]) == (40.0, 10.0, 10.0) for _, kw, kind in layers)
+    assert layers[1][1]["colormap"] == "green" and layers[1][1]["blending"] == "additive"
+    from napari.layers import Image
+
+    for data, kwargs, _ in layers:  # napari takes the lazy channel views as they are
+        assert Image(data, **kwargs).data is not None
+    level0 = layers[1][0][0] if layers[1][1].get("multiscale") else layers[1][0]
+    assert np.array_equal(level0[(slice(None),) * 3], _zarr.open_group(str(src), mode="r")["0"][1])

@@ -323,9 +323,9 @@ def segment_volume(
             raise ValueError(
                 f"check=true needs a bioimage.io package (with test tensors); {segmenter.source} is not one"
             )
-        volume = open_input(input, input_level, opts["normalize"], opts["percentiles"], *in_channel)
-        if opts["normalize"] is None and opts["percentiles"] is None:
-            volume = virtual_em_range(volume, input)
+        given = opts["normalize"] is not None or opts["percentiles"] is not None
+        own = None if given else virtual_em_range(input, input_channel)  # a multi-channel translation's range
+        volume = open_input(input, input_level, own or opts["normalize"], opts["percentiles"], *in_channel)
     else:
         if opts["normalize"] is not None or opts["percentiles"] is not None:
             raise ValueError(

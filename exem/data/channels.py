@@ -48,6 +48,10 @@ class LeadingIndexView:
         return len(self.shape)
 
     @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
     def chunks(self) -> tuple[int, ...] | None:
         chunks = getattr(self._array, "chunks", None)
         return None if chunks is None else tuple(chunks[len(self._index) :])

@@ -50,26 +50,22 @@ def storage_dtype(out_dtype: str, source_dtype: Any) -> str:
     return str(np.promote_types(np.dtype(out_dtype), np.dtype(source_dtype)))
 
 
-def virtual_em_range(volume: Volume, source: Any) -> Volume:
-    """``volume`` with the virtual EM's own value range as its intensity range when it is the ``virtual_em``
-    channel of a multi-channel translation (stored wider than its dtype: the record's ``dtype`` gives the range);
-    any other volume as it is."""
-    from dataclasses import replace
-
+def virtual_em_range(source: Any, channel: int | str | None = None) -> tuple[float, float] | None:
+    """The intensity range of the ``virtual_em`` channel of a multi-channel translation at ``source``: its own
+    integer dtype's range (stored wider, the values stay 0…255 for uint8), when ``channel`` is None, 0 or
+    ``virtual_em`` and the translation's record says so; else None (the usual default applies)."""
     from exem.inference.output import read_record
 
-    names = volume.channel_names or ()
-    if (
-        volume.channel is None
-        or names[volume.channel] != VIRTUAL_EM_CHANNEL
-        or not isinstance(source, (str, Path))
-    ):
-        return volume
-    dtype = np.dtype((read_record(source) or {}).get("dtype", volume.dtype))
-    if dtype.kind not in "ui" or dtype == volume.dtype:
-        return volume
+    if not isinstance(source, (str, Path)) or channel not in (None, 0, "0", VIRTUAL_EM_CHANNEL):
+        return None
+    record = read_record(source) or {}
+    if not record.get("channels") or record["channels"][0] != VIRTUAL_EM_CHANNEL:
+        return None
+    dtype = np.dtype(record.get("dtype", "float32"))
+    if dtype.kind not in "ui":
+        return None
     info = np.iinfo(dtype)
-    return replace(volume, intensity_range=(float(info.min), float(info.max)))
+    return float(info.min), float(info.max)
 
 
 def _window(dtype: Any) -> dict[str, float]:

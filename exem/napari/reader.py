@@ -54,11 +54,12 @@ def _display_name(path: Path) -> str:
 
 
 def _physical(
-    path: Path, multiscales: dict
+    path: Path, multiscales: dict, channel: int | None = None
 ) -> tuple[list[Any], tuple[float, float, float], tuple[float, float, float]]:
-    """(arrays of every level, level-0 voxel size in nm, translation in nm) of an OME-Zarr image."""
+    """(arrays of every level, level-0 voxel size in nm, translation in nm) of an OME-Zarr image (of one channel
+    of a multi-channel image)."""
     levels = [
-        open_volume(path, level=lvl, intensity_range=READ_ONLY_RANGE)
+        open_volume(path, level=lvl, intensity_range=READ_ONLY_RANGE, channel=channel)
         for lvl in range(len(multiscales.get("datasets", [])))
     ]
     _, scale0 = level_scale(multiscales, 0)
@@ -71,6 +72,35 @@ def _physical(
         if t.get("type") == "translation":
             translation = [float(v) * f for v, f in zip(list(t["translation"])[-3:], per_unit, strict=True)]
     return arrays, tuple(nm), tuple(translation)  # type: ignore[return-value]
+
+
+def _channel_layers(path: Path, group: zarr.Group, multiscales: dict, record: dict | None) -> list[LayerData]:
+    """A multi-channel translation (virtual EM + the input's other channels): one image layer per channel, in its
+    OMERO colour and value window, the companions blended over the virtual EM."""
+    channels = (ome_attributes(group).get("omero") or {}).get("channels") or []
+    layers: list[LayerData] = []
+    for c, entry in enumerate(channels):
+        arrays, nm, translate = _physical(path, multiscales, channel=c)
+        window = entry.get("window") or {}
+        color = str(entry.get("color", "FFFFFF")).upper()
+        kwargs: dict[str, Any] = {
+            "name": f"{_display_name(path)} {entry.get('label', c)}",
+            "scale": nm,
+            "translate": translate,
+            "units": NM_UNITS,
+            "axis_labels": AXIS_LABELS,
+            "metadata": {"exem": record or {}, "exem_path": str(path), "channel": c},
+            "colormap": "gray"
+            if color == "FFFFFF"
+            else {"00FF00": "green", "FF00FF": "magenta"}.get(color, "cyan"),
+            "blending": "translucent" if c == 0 else "additive",
+        }
+        if "min" in window and "max" in window:
+            kwargs["contrast_limits"] = (float(window["min"]), float(window["max"]))
+        if len(arrays) > 1:
+            kwargs["multiscale"] = True
+        layers.append((arrays if len(arrays) > 1 else arrays[0], kwargs, "image"))
+    return layers
 
 
 def _image_layer(path: Path, group: zarr.Group, multiscales: dict, record: dict | None) -> LayerData:
@@ -151,6 +181,8 @@ def read_exem_output(path: str | Path) -> list[LayerData] | None:
         assert group is not None
         multiscales = read_multiscales(group)
         assert multiscales is not None
+        if any(a.get("type") == "channel" for a in multiscales.get("axes", []) if isinstance(a, dict)):
+            return _channel_layers(p, group, multiscales, read_record(p))
         return [_image_layer(p, group, multiscales, read_record(p))]
     if kind != "segmentation":
         return None
