@@ -107,10 +107,12 @@ def positive_call_report(
 def _array(source: Any) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return source
-    path = Path(source)
-    if (path / "labels").exists() and not (path / "0").exists():  # an exem-segment output folder
-        path = path / "labels"
-    return np.asarray(open_volume(path, intensity_range=(0, 1)).read((slice(None),) * 3))
+    from exem.analysis.measure import (
+        labels_source,
+    )  # an exem-segment folder → its labels, as exem-measure reads it
+
+    volume = open_volume(labels_source(source), intensity_range=(0, 1))
+    return np.asarray(volume.read((slice(None),) * 3))
 
 
 def _calls(objects_csv: Path, name: str) -> dict[int, bool]:

@@ -52,7 +52,7 @@ from exem.analysis.em_models import (
     resolve_options,
 )
 from exem.analysis.instances import CONNECTIVITY, check_watershed_size, label_components, seeded_watershed
-from exem.bioimageio.processing import full_range, reproduce_or_fail
+from exem.bioimageio.processing import reproduce_or_fail
 from exem.checks import one_of, triple
 from exem.data.ome import create_group, is_group, ngff_version_of, write_image_label
 from exem.data.volume import Volume
@@ -336,8 +336,8 @@ def segment_volume(
         volume = open_input(
             input, input_level, (0.0, 1.0), None, *in_channel
         )  # raw range set from the data next
-        volume = open_input(volume, intensity_range=full_range(volume))
-        statistics = segmenter.net.fit_volume(volume)
+        raw_range, statistics = segmenter.net.fit_volume(volume)  # one sample: range and statistics
+        volume = open_input(volume, intensity_range=raw_range)
     region = resolve_region(volume.shape, roi, (1, 1, 1))
     extent = (region[1] - region[0], region[3] - region[2], region[5] - region[4])
     if opts["patch"] is None and package is not None:

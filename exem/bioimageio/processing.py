@@ -47,7 +47,7 @@ PREPROCESSING = (
 POSTPROCESSING = ("fixed_zero_mean_unit_variance", "scale_linear", "clip", "binarize", "sigmoid", "softmax")
 
 
-def _along(value: Any, channels_dim: int = 1) -> Tensor | float:
+def _along(value: Any) -> Tensor | float:
     """A scalar, or a per-channel list as a tensor broadcasting over ``(B, C, Z, Y, X)``."""
     if isinstance(value, (list, tuple)):
         return torch.tensor([float(v) for v in value], dtype=torch.float32).reshape(-1, 1, 1, 1)
@@ -200,11 +200,15 @@ class PackageNet(nn.Module):
         stats = self.pre.fit(sample)
         return {"intensity_range": [lo, hi], "preprocessing": stats}
 
-    def fit_volume(self, volume: Any) -> dict[str, Any]:
-        """:meth:`fit` on a bounded random sample of ``volume`` (a :class:`~exem.data.volume.Volume`)."""
+    def fit_volume(self, volume: Any) -> tuple[tuple[float, float], dict[str, Any]]:
+        """:meth:`fit` on one bounded random sample of ``volume`` (a :class:`~exem.data.volume.Volume`), with the
+        raw range the engine should map onto [0, 1] (:func:`full_range`); returns ``(that range, the statistics)``.
+        Open the volume with that range to run it."""
         from exem.data.volume import sample_voxels
 
-        return self.fit(sample_voxels(volume.array), volume.intensity_range)
+        sample = sample_voxels(volume.array)
+        raw_range = full_range(volume.dtype, sample)
+        return raw_range, self.fit(sample, raw_range)
 
     def _to_package(self, x: Tensor) -> tuple[Tensor, int]:
         b, _, z = x.shape[:3]
@@ -322,16 +326,13 @@ def reproduce_or_fail(net: PackageNet) -> dict[str, Any]:
 FLOAT_RANGE_MARGIN = 1.0
 
 
-def full_range(volume: Any) -> tuple[float, float]:
-    """The raw range the engine maps onto [0, 1] before a package's preprocessing: the dtype's range for integer
-    volumes (nothing is clipped), a bounded sample's range widened by :data:`FLOAT_RANGE_MARGIN` for floats."""
-    dtype = np.dtype(volume.dtype)
+def full_range(dtype: Any, sample: np.ndarray) -> tuple[float, float]:
+    """The raw range the engine maps onto [0, 1] before a package's preprocessing: ``dtype``'s range for integer
+    volumes (nothing is clipped), the ``sample``'s range widened by :data:`FLOAT_RANGE_MARGIN` for floats."""
+    dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
         return float(info.min), float(info.max)
-    from exem.data.volume import sample_voxels
-
-    sample = sample_voxels(volume.array)
     lo, hi = float(sample.min()), float(sample.max())
     span = max(hi - lo, 1e-6)
     return lo - FLOAT_RANGE_MARGIN * span, hi + FLOAT_RANGE_MARGIN * span
