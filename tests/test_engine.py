@@ -147,6 +147,30 @@ def test_roi_errors(roi, message: str) -> None:
         resolve_region(SHAPE, roi, PATCH)
 
 
+class _Stretch(nn.Module):
+    """Outputs beyond [0, 1]: 2x − 0.5 of a [0, 1] input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * x - 0.5
+
+
+def test_uint8_output_clips_values_beyond_the_unit_range(raw, tmp_path) -> None:
+    """The clip of the uint8 cast (skipped for slabs within [0, 1]) still applies where values leave [0, 1]."""
+    f = run(_Stretch(), raw, tmp_path / "f.zarr")
+    u8 = run(_Stretch(), raw, tmp_path / "u8.zarr", dtype="uint8", block_shape=(4, 48, 48))
+    assert f.min() < 0.0 and f.max() > 1.0
+    np.testing.assert_array_equal(u8, np.clip(np.round(255 * f), 0, 255).astype(np.uint8))
+    assert u8.min() == 0 and u8.max() == 255
+
+
+def test_chunks_equal_to_the_fill_value_are_written(raw, tmp_path) -> None:
+    """Dense outputs skip zarr's per-chunk fill-value scan: an all-zero result still has every chunk on disk."""
+    run(_Stretch(), np.zeros_like(raw), tmp_path / "z.zarr", dtype="uint8")  # 2·0 − 0.5 → clipped to 0
+    arr = zarr.open_group(str(tmp_path / "z.zarr"))["0"]
+    assert int(np.asarray(arr[...]).max()) == 0
+    assert arr.nchunks_initialized == arr.nchunks
+
+
 def test_patch_larger_than_volume() -> None:
     with pytest.raises(ValueError, match="larger than the volume 20×96×80 on axis z"):
         resolve_region(SHAPE, None, (32, 32, 32))
@@ -190,11 +214,15 @@ def test_identity_net_keeps_a_constant_volume(tmp_path) -> None:
     assert float(np.abs(got - 0.25).max()) < 1e-6
 
 
+@pytest.mark.parametrize("full_range", [False, True])
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", ">u2", "uint32", "int16", "float32", ">f8"])
-def test_device_normalisation_is_bit_identical_to_normalize(dtype: str) -> None:
+def test_device_normalisation_is_bit_identical_to_normalize(dtype: str, full_range: bool) -> None:
+    """Also where the engine skips steps that change nothing (lo = 0, scale 1, no clip over the dtype's range)."""
     rng = np.random.default_rng(3)
     info = np.iinfo(dtype) if np.dtype(dtype).kind in "ui" else None
     lo, hi = (100.0, 3000.5) if info is None or info.max > 255 else (3.0, 200.0)
+    if full_range:
+        lo, hi = (0.0, 1.0) if info is None else (float(info.min), float(info.max))
     if info is not None:
         a = rng.integers(info.min, info.max, (4, 8, 8), endpoint=True).astype(dtype)
         a.flat[:2] = [info.min, info.max]
@@ -203,8 +231,11 @@ def test_device_normalisation_is_bit_identical_to_normalize(dtype: str) -> None:
     predictor = engine.BlockPredictor(
         nn.Identity(), plan_blocks((4, 8, 8), (4, 8, 8)), (lo, hi), raw_dtype=a.dtype
     )
-    got = predictor.normalize(raw_tensor(a)).numpy()
+    raw = raw_tensor(a)
+    got = predictor.normalize(raw).numpy()
     np.testing.assert_array_equal(got, normalize(a, lo, hi))
+    seen = torch.int64 if predictor._unsigned_mask and raw.dtype in (torch.int16, torch.int32) else raw.dtype
+    assert predictor._maps_into_unit(seen) == (full_range and info is not None)  # the clip is skipped
 
 
 def test_uint16_volume_through_the_engine(tmp_path) -> None:

@@ -166,6 +166,25 @@ def test_sample_is_bounded() -> None:
     assert sample.size == Counting.read <= 32 * 8 * 64 * 64 < 64 * 512 * 512 // 4
 
 
+@pytest.mark.parametrize(
+    ("bright", "warns"),
+    [
+        (0.0, True),  # 12-bit data in uint16
+        (0.0005, True),  # a few bright outliers leave the 99.9th percentile low (the full percentile path)
+        (0.01, False),  # 1 % bright: the 99.9th percentile is high (the one-count shortcut)
+        (1.0, False),  # the whole range used
+    ],
+)
+def test_narrow_range_warning(bright: float, warns: bool, caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 4096, (32, 64, 64)).astype(np.uint16)
+    hit = rng.random(data.shape) < bright
+    data[hit] = rng.integers(40000, 65536, int(hit.sum()))
+    with caplog.at_level("WARNING", logger="exem.data.volume"):
+        open_volume(data)
+    assert ("normalised patches will be dark" in caplog.text) is warns
+
+
 def test_normalize() -> None:
     x = np.array([-5, 0, 50, 100, 200], dtype=np.int16)
     y = normalize(x, 0, 100)

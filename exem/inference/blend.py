@@ -10,7 +10,7 @@ and is handed back as soon as the row changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -233,35 +233,47 @@ class ZStreamBlender:
     sums are kept only for the Z slices the current patch row can touch (``[z, z + pz)`` ∩ box): when a patch
     of a new row arrives, the slices above it are final, divided and returned, and the rest is carried over.
     Per voxel the sums run over the same patches in the same order as :class:`BlendAccumulator`'s, so the
-    values are bit-identical; the memory is ``2 · pz`` instead of ``2 · Z`` slices of the box (channels apart).
+    values are bit-identical; the memory is ``2 · pz`` instead of ``2 · Z`` slices of the box (channels apart):
+    one buffer of one patch depth for each sum, allocated once (no fresh memory per patch row); at a new row the
+    carried slices move to its front.
 
     Args:
         box_start: (z, y, x) of the box's first voxel, in the coordinates of the patch starts.
         box_shape: (Z, Y, X) of the box in voxels.
         window: ``(pz, py, px)`` float32 weights (:func:`gaussian_window`) on the target device.
+        consume: called with each finalised slab ``(z0, values)`` as soon as it is final. The slab is divided in
+            place and is a view into the sums, valid only during the call (no copy: the engine casts it into its
+            output at once); :meth:`add` and :meth:`finish` then return ``[]``. None: they return the slabs, as new
+            tensors.
 
-    :meth:`add` and :meth:`finish` return the finalised slabs as ``(z0, values)``: ``z0`` relative to the
-    box, ``values`` a ``(C, dz, Y, X)`` float32 tensor. Slabs come in order and cover the box exactly once.
-
-    The sums live in two buffers of one patch depth, used in turn (allocated once: no fresh memory per patch row).
-    With ``reuse=True`` a slab is divided in place and is a view that stays valid only until the next
-    :meth:`add` / :meth:`finish` (consume it at once, as the engine does); by default it is a new tensor.
+    Slabs are ``(z0, values)``: ``z0`` relative to the box, ``values`` a ``(C, dz, Y, X)`` float32 tensor. They
+    come in order and cover the box exactly once.
     """
 
     def __init__(
-        self, box_start: Sequence[int], box_shape: Sequence[int], window: Tensor, *, reuse: bool = False
+        self,
+        box_start: Sequence[int],
+        box_shape: Sequence[int],
+        window: Tensor,
+        *,
+        consume: Callable[[int, Tensor], None] | None = None,
     ) -> None:
         self.box_start = tuple(int(v) for v in box_start)
         self.box_shape = tuple(int(v) for v in box_shape)
         self.window = window
         self.depth = int(window.shape[0])
-        self.reuse = bool(reuse)
+        self.consume = consume
         self._row: int | None = None  # Z start of the current patch row
         self._acc: BlendAccumulator | None = None  # sums of box slices [_lo, _hi) (global Z)
         self._lo = self._hi = self.box_start[0]
         self._next = self.box_start[0]  # first box slice (global Z) not handed back yet
-        self._buffers: list[tuple[Tensor, Tensor]] = []  # (acc, weight) pairs of one patch depth
-        self._turn = 0
+        # the sums of one patch depth: weight now, acc (C, depth, Y, X) at the first patch (when C is known)
+        self._weight = torch.zeros(
+            (min(self.depth, self.box_shape[0]), *self.box_shape[1:]),
+            dtype=torch.float32,
+            device=window.device,
+        )
+        self._sums: Tensor | None = None
         self._scratch: Tensor | None = None
 
     @property
@@ -280,37 +292,36 @@ class ZStreamBlender:
                 raise ValueError(
                     f"ZStreamBlender: patch rows must come in increasing Z ({z} after {self._row})"
                 )
-            done = self._release(min(z, self._z_end))
+            done = self._hand_over(self._release(min(z, self._z_end)))
             self._move(z)
         if self._acc is not None:
             if self._acc.acc is None:  # the first patch: the channel count is known now
                 self._allocate(int(out.shape[0]))
-                self._acc.acc, self._acc.scratch = (
-                    self._buffers[self._turn][0][:, : self._hi - self._lo],
-                    self._scratch,
-                )
+                assert self._sums is not None
+                self._acc.acc, self._acc.scratch = self._sums[:, : self._hi - self._lo], self._scratch
             self._acc.add(out, start, window)
         return done
 
     def _allocate(self, channels: int) -> None:
         device = self.window.device
-        plane = self.box_shape[1:]
-        self._buffers = [
-            (
-                torch.zeros((channels, self.depth, *plane), dtype=torch.float32, device=device),
-                torch.zeros((self.depth, *plane), dtype=torch.float32, device=device),
-            )
-            for _ in range(2)
-        ]
-        self._acc.weight = self._buffers[self._turn][1][: self._hi - self._lo].copy_(self._acc.weight)  # type: ignore[union-attr]
+        self._sums = torch.zeros((channels, *self._weight.shape), dtype=torch.float32, device=device)
         self._scratch = torch.empty((channels, *self.window.shape), dtype=torch.float32, device=device)
 
     def finish(self) -> list[tuple[int, Tensor]]:
         """The remaining slabs, down to the end of the box (call once, after the last :meth:`add`)."""
-        return self._release(self._z_end)
+        return self._hand_over(self._release(self._z_end))
+
+    def _hand_over(self, slabs: list[tuple[int, Tensor]]) -> list[tuple[int, Tensor]]:
+        """Give finalised slabs to :attr:`consume` (before their memory is reused), or return them."""
+        if self.consume is None:
+            return slabs
+        for z0, values in slabs:
+            self.consume(z0, values)
+        return []
 
     def _move(self, z: int) -> None:
-        """Start patch row ``z``: a new window ``[max(z, box z0), min(z + pz, box end))`` with the carried sums."""
+        """Start patch row ``z``: a new window ``[max(z, box z0), min(z + pz, box end))`` with the carried sums
+        moved to the front of the buffers and the rest zeroed."""
         lo, hi = max(z, self.box_start[0]), min(z + self.depth, self._z_end)
         old, old_lo, old_hi = self._acc, self._lo, self._hi
         self._row = z
@@ -318,26 +329,19 @@ class ZStreamBlender:
             self._acc, self._lo, self._hi = None, lo, lo
             return
         box = ((lo, *self.box_start[1:]), (hi - lo, *self.box_shape[1:]))
-        if not self._buffers:  # before the first patch (channels unknown): small fresh sums, as a plain box
-            acc = BlendAccumulator(*box, self.window)
-        else:
-            self._turn ^= 1
-            acc_buf, weight_buf = (
-                b[:, : hi - lo] if b.dim() == 4 else b[: hi - lo] for b in self._buffers[self._turn]
-            )
-            acc = BlendAccumulator(
-                *box, self.window, acc=acc_buf.zero_(), weight=weight_buf.zero_(), scratch=self._scratch
-            )
-        keep = old_hi - max(lo, old_lo)
-        if old is not None and keep > 0:
-            off = max(lo, old_lo) - old_lo
-            acc.weight[:keep] = old.weight[off : off + keep]
-            if old.acc is not None:
-                if acc.acc is None:
-                    acc.acc = torch.zeros(
-                        (old.acc.shape[0], *acc.box_shape), dtype=torch.float32, device=acc.weight.device
-                    )
-                acc.acc[:, :keep] = old.acc[:, off : off + keep]
+        keep = max(0, old_hi - max(lo, old_lo)) if old is not None else 0
+        off = max(lo, old_lo) - old_lo
+        for buf in (self._weight, self._sums):
+            if buf is None:
+                continue  # no patch yet: no value sums to carry
+            if keep and off:  # the carried slices go to the front (through a copy if they overlap it)
+                src = buf[..., off : off + keep, :, :]
+                buf[..., :keep, :, :] = src.clone() if off < keep else src
+            buf[..., keep : hi - lo, :, :].zero_()
+        sums = None if self._sums is None else self._sums[:, : hi - lo]
+        acc = BlendAccumulator(
+            *box, self.window, acc=sums, weight=self._weight[: hi - lo], scratch=self._scratch
+        )
         self._acc, self._lo, self._hi = acc, lo, hi
 
     def _release(self, until: int) -> list[tuple[int, Tensor]]:
@@ -353,7 +357,7 @@ class ZStreamBlender:
         weight = self._acc.weight[a:b]
         if not bool(weight.amin() > 0):
             raise RuntimeError("ZStreamBlender: some voxels of the box are covered by no patch")
-        values = self._acc.acc[:, a:b].div_(weight) if self.reuse else self._acc.acc[:, a:b] / weight
+        values = self._acc.acc[:, a:b].div_(weight) if self.consume else self._acc.acc[:, a:b] / weight
         z0 = self._next - self.box_start[0]
         self._next = until
         return [(z0, values)]

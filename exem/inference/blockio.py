@@ -139,8 +139,14 @@ def _single(batch: list[Any]) -> Any:
 
 
 def open_levels(root: Path, levels: int) -> list[zarr.Array]:
+    """The output's first ``levels`` arrays, opened for writing whole chunks.
+
+    Chunks equal to the fill value are written like any other (``write_empty_chunks``): zarr's check for them
+    scans every chunk before encoding it, which tripled the time of writing a dense output (0.12 s vs 0.04 s for
+    32×1024×1024 uint8 on 2 cores); a compressed empty chunk costs a few hundred bytes on disk.
+    """
     group = zarr.open_group(str(root), mode="r+")
-    return [group[str(lvl)] for lvl in range(levels)]  # type: ignore[misc]
+    return [group[str(lvl)].with_config({"write_empty_chunks": True}) for lvl in range(levels)]  # type: ignore[union-attr]
 
 
 def check_output_levels(arrays: Sequence[zarr.Array], plan: BlockPlan, root: Path, out_dtype: str) -> None:

@@ -184,7 +184,25 @@ class BlockPredictor(L.LightningModule):
         if self._unsigned_mask and raw.dtype in (torch.int16, torch.int32):
             raw = raw.to(torch.int64).bitwise_and_(self._unsigned_mask)
         out = raw.to(torch.float32, copy=True) if out is None else out.copy_(raw)
-        return out.sub_(self._lo).mul_(self._scale).clamp_(0.0, 1.0)
+        # steps that cannot change a value are skipped (x − 0 = x, x · 1 = x, and no clip when every value the
+        # dtype can hold already maps into [0, 1]): the same bits, fewer passes over the patch row
+        if self._lo != 0.0:
+            out.sub_(self._lo)
+        if self._scale != 1.0:
+            out.mul_(self._scale)
+        return out if self._maps_into_unit(raw.dtype) else out.clamp_(0.0, 1.0)
+
+    def _maps_into_unit(self, dtype: torch.dtype) -> bool:
+        """Whether every value of integer ``dtype`` (as :meth:`normalize` reads it) maps into [0, 1] unclipped."""
+        if dtype.is_floating_point or dtype == torch.bool:
+            return False  # any value, NaN included
+        if dtype == torch.int64 and self._unsigned_mask:
+            ends = torch.tensor([0, self._unsigned_mask], dtype=torch.int64)
+        else:
+            info = torch.iinfo(dtype)
+            ends = torch.tensor([info.min, info.max], dtype=dtype)
+        ends = ends.to(torch.float32).sub_(self._lo).mul_(self._scale)  # monotone: the ends bound every value
+        return bool(ends[0] >= 0.0) and bool(ends[1] <= 1.0)
 
     @torch.no_grad()
     def predict_block(
@@ -194,8 +212,8 @@ class BlockPredictor(L.LightningModule):
 
         Patches run through the network in batches of ``batch_size``, in the global grid's order. Each patch row's
         Z slab of the context is normalised once, and the patches are cut from it into one reused batch buffer;
-        the Gaussian blend is streamed along Z (:class:`~exem.inference.blend.ZStreamBlender`, its two buffers of
-        one patch depth reused), and each finished slab is checked and cast straight into the output. Apart from
+        the Gaussian blend is streamed along Z (:class:`~exem.inference.blend.ZStreamBlender`, its buffers of one
+        patch depth reused), and each finished slab is checked and cast straight into the output. Apart from
         the output, the memory is allocated once per block (fresh large tensors cost page faults on the CPU).
 
         Args:
@@ -217,30 +235,30 @@ class BlockPredictor(L.LightningModule):
         raw = raw.to(device, non_blocking=True)
         c0 = block.context_start
         pz, py, px = block.patch
-        blender = ZStreamBlender(block.start, block.shape, self.window(device), reuse=True)
         result: Tensor | None = None
         chunk_z = self.plan.chunks[0] if self.plan.chunks is not None else block.shape[0]
         shipped = 0  # output rows handed to the sink
 
-        def emit(slabs: list[tuple[int, Tensor]]) -> None:
+        def emit(z0: int, values: Tensor) -> None:
             nonlocal result, shipped
-            for z0, values in slabs:
-                low, high = torch.aminmax(values)  # NaN propagates to both; ±Inf shows in one of them
-                if not bool(torch.isfinite(low) & torch.isfinite(high)):
-                    self._non_finite(block)
-                if result is None:
-                    out_dtype = getattr(torch, self.out_dtype)
-                    result = torch.empty((values.shape[0], *block.shape), dtype=out_dtype, device=device)
-                done = z0 + values.shape[1]
-                result[:, z0:done].copy_(self.cast(values))
-                while sink is not None and (shipped + chunk_z <= done or done == block.shape[0] > shipped):
-                    end = min(shipped + chunk_z, block.shape[0])
-                    levels = [result[:, shipped:end]]
-                    if self.levels_on_device(device):
-                        while len(levels) < self.plan.levels:
-                            levels.append(downsample_rows(levels[-1]))
-                    sink(block.index, shipped, *_to_host(levels))
-                    shipped = end
+            low, high = torch.aminmax(values)  # NaN propagates to both; ±Inf shows in one of them
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                self._non_finite(block)
+            if result is None:
+                out_dtype = getattr(torch, self.out_dtype)
+                result = torch.empty((values.shape[0], *block.shape), dtype=out_dtype, device=device)
+            done = z0 + values.shape[1]
+            result[:, z0:done].copy_(self.cast(values, within_unit=bool((low >= 0.0) & (high <= 1.0))))
+            while sink is not None and (shipped + chunk_z <= done or done == block.shape[0] > shipped):
+                end = min(shipped + chunk_z, block.shape[0])
+                levels = [result[:, shipped:end]]
+                if self.levels_on_device(device):
+                    while len(levels) < self.plan.levels:
+                        levels.append(downsample_rows(levels[-1]))
+                sink(block.index, shipped, *_to_host(levels))
+                shipped = end
+
+        blender = ZStreamBlender(block.start, block.shape, self.window(device), consume=emit)
 
         starts = list(block.patches())
         autocast = torch.autocast(
@@ -266,8 +284,8 @@ class BlockPredictor(L.LightningModule):
             with autocast:
                 out = self.net(batch.unsqueeze(1))
             for j, start in enumerate(chunk):
-                emit(blender.add(out[j], start, self.window(device, start) if any(self.halo) else None))
-        emit(blender.finish())
+                blender.add(out[j], start, self.window(device, start) if any(self.halo) else None)
+        blender.finish()
         assert result is not None
         return result
 
@@ -281,11 +299,13 @@ class BlockPredictor(L.LightningModule):
             " is the input finite? The block is not marked done"
         )
 
-    def cast(self, out: Tensor) -> Tensor:
+    def cast(self, out: Tensor, within_unit: bool = False) -> Tensor:
         """Prepare blended float32 values for ``out_dtype`` on their device, in place: uint8
-        ``clip(round(255·x), 0, 255)`` (still float: copying it into a uint8 tensor is exact); else as is."""
+        ``clip(round(255·x), 0, 255)`` (still float: copying it into a uint8 tensor is exact); else as is.
+        ``within_unit``: the values are known to lie in [0, 1], so the clip has nothing to do and is skipped."""
         if self.out_dtype == "uint8":
-            return out.mul_(255.0).round_().clamp_(0.0, 255.0)
+            out = out.mul_(255.0).round_()
+            return out if within_unit else out.clamp_(0.0, 255.0)
         return out
 
     def predict_step(
