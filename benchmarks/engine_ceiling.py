@@ -91,7 +91,7 @@ def stages(src: Path, tmp: Path, args: argparse.Namespace, device: torch.device)
     try:
         from exem.data.ome import create_ome_zarr, downsample_inplane
         from exem.data.volume import open_volume
-        from exem.inference.blockio import BlockDataset
+        from exem.inference.blockio import BlockDataset, open_levels
         from exem.inference.engine import BlockPredictor, default_block_voxels
         from exem.inference.plan import plan_volume
     except ImportError:
@@ -103,7 +103,7 @@ def stages(src: Path, tmp: Path, args: argparse.Namespace, device: torch.device)
     ).to(device)
     dataset = BlockDataset(volume, plan, range(len(plan.blocks)))
     assert plan.chunks is not None
-    group = create_ome_zarr(
+    create_ome_zarr(
         tmp / "stages.ome.zarr",
         plan.shape,
         "uint8",
@@ -112,6 +112,7 @@ def stages(src: Path, tmp: Path, args: argparse.Namespace, device: torch.device)
         factors=[(1, 1, 1), (1, 2, 2)],
         overwrite=True,
     )
+    levels = open_levels(tmp / "stages.ome.zarr", 2)  # as the engine's writer opens them
     t = dict.fromkeys(
         ("read", "host_to_device", "blend", "cast", "device_to_host", "write_level0", "write_level1"), 0.0
     )
@@ -132,14 +133,14 @@ def stages(src: Path, tmp: Path, args: argparse.Namespace, device: torch.device)
             values = timed("blend", predictor.predict_block, block, raw)
             cast = timed("cast", lambda v: v.mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8), values)
             host = timed("device_to_host", lambda c: c.cpu().numpy()[0], cast)
-            timed("write_level0", group["0"].__setitem__, block.slices(), host)
+            timed("write_level0", levels[0].__setitem__, block.slices(), host)
             f = 2
             sl = (
                 block.slices()[0],
                 slice(block.start[1] // f, -(-block.stop[1] // f)),
                 slice(block.start[2] // f, -(-block.stop[2] // f)),
             )
-            timed("write_level1", lambda h, s=sl: group["1"].__setitem__(s, downsample_inplane(h)), host)
+            timed("write_level1", lambda h, s=sl: levels[1].__setitem__(s, downsample_inplane(h)), host)
     return t
 
 

@@ -143,7 +143,8 @@ def open_levels(root: Path, levels: int) -> list[zarr.Array]:
 
     Chunks equal to the fill value are written like any other (``write_empty_chunks``): zarr's check for them
     scans every chunk before encoding it, which tripled the time of writing a dense output (0.12 s vs 0.04 s for
-    32×1024×1024 uint8 on 2 cores); a compressed empty chunk costs a few hundred bytes on disk.
+    32×1024×1024 uint8 on 2 cores); an empty chunk compressed (Blosc LZ4) takes 0.4 % of its size on disk
+    (8.5 KB for 32×256×256 uint8).
     """
     group = zarr.open_group(str(root), mode="r+")
     return [group[str(lvl)].with_config({"write_empty_chunks": True}) for lvl in range(levels)]  # type: ignore[union-attr]
