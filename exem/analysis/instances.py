@@ -21,17 +21,18 @@ of label levels (level l: Y and X subsampled by 2^l, nearest neighbour, so ids a
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components as graph_components
+
+from exem.progress import step_bar
 
 __all__ = [
     "CONNECTIVITY",
@@ -78,26 +79,6 @@ def write_label_block(levels: Sequence[Any], sl: tuple[slice, slice, slice], dat
             raise ValueError(f"label block at y={y0}, x={x0} is not aligned with pyramid level {lvl}")
         sub = data[:, ::f, ::f]
         arr[sl[0], y0 // f : y0 // f + sub.shape[1], x0 // f : x0 // f + sub.shape[2]] = sub
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr (``advance()`` per step), or a no-op."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
 
 
 def _first_voxels(
@@ -149,7 +130,7 @@ def label_components(
     firsts: list[np.ndarray] = [np.full(1, math.prod(shape), dtype=np.int64)]
     pairs: list[np.ndarray] = []
     total = 0
-    with _progress(progress, "labels: components", 2 * len(blocks)) as advance:
+    with step_bar(progress, "labels: components", 2 * len(blocks)) as advance:
         for sl in blocks:
             lab, n = ndi.label(np.asarray(prob[sl]) > threshold, structure=structure)
             if total + n > _MAX_ID:

@@ -50,6 +50,7 @@ from exem.analysis.measure_report import (
 from exem.checks import fmt_voxels, positive_ints
 from exem.data.ome import is_group, ome_attributes, read_multiscales
 from exem.data.volume import Volume, VolumeError, open_volume
+from exem.progress import step_bar
 
 __all__ = [
     "BASE_COLUMNS",
@@ -242,19 +243,20 @@ def _measure_blocks(
     progress: bool,
 ) -> _Partial:
     """Per-label sums over the ``boxes`` (slices of the ``region``), merged by label id."""
-    from rich.console import Console
-    from rich.progress import track
-
     merged, pending, rows = _empty(len(images), labels.dtype), [], 0
-    for box in track(boxes, "measure", total=len(boxes), console=Console(stderr=True), disable=not progress):
-        sl = tuple(slice(b.start + region[2 * ax], b.stop + region[2 * ax]) for ax, b in enumerate(box))
-        lab = labels.read(sl)
-        if lab.dtype.kind == "i" and lab.size and lab.min() < 0:
-            raise ValueError(f"labels {labels.path}: negative ids (e.g. {int(lab.min())}); ids must be ≥ 0")
-        pending.append(_block_partial(lab, [v.read(sl) for v in images], [s.start for s in sl]))
-        rows += len(pending[-1])
-        if rows > max(MERGE_ROWS, len(merged)):  # bounded memory: merge the partial tables now and then
-            merged, pending, rows = _merge([merged, *pending]), [], 0
+    with step_bar(progress, "measure", len(boxes)) as advance:
+        for box in boxes:
+            sl = tuple(slice(b.start + region[2 * ax], b.stop + region[2 * ax]) for ax, b in enumerate(box))
+            lab = labels.read(sl)
+            if lab.dtype.kind == "i" and lab.size and lab.min() < 0:
+                raise ValueError(
+                    f"labels {labels.path}: negative ids (e.g. {int(lab.min())}); ids must be ≥ 0"
+                )
+            pending.append(_block_partial(lab, [v.read(sl) for v in images], [s.start for s in sl]))
+            rows += len(pending[-1])
+            if rows > max(MERGE_ROWS, len(merged)):  # bounded memory: merge the partial tables now and then
+                merged, pending, rows = _merge([merged, *pending]), [], 0
+            advance()
     return _merge([merged, *pending])
 
 

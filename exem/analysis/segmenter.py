@@ -20,13 +20,12 @@ The demo's pair ships in ``exem/assets/segmenters`` (:func:`builtin_segmenter`);
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,6 +41,7 @@ from exem.analysis.metrics import dice
 from exem.checks import positive_ints
 from exem.data.synthetic import DEFAULT_SEEDS, make_phantom, render_em
 from exem.models import AnisotropicUNet3D
+from exem.progress import step_bar
 
 log = logging.getLogger(__name__)
 
@@ -446,27 +446,6 @@ def _soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return (1 - (2 * inter + eps) / (p.sum(dims) + target.sum(dims) + eps)).mean()
 
 
-@contextlib.contextmanager
-def _steps_bar(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar on stderr; the yielded callable advances it by one step with a status text."""
-    if not enabled:
-        yield lambda _text: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("[bold]EM segmenter"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True),
-    ) as bar:
-        task = bar.add_task("train", total=total, status="")
-        yield lambda text: bar.update(task, advance=1, status=text)
-
-
 def _fit(
     net: AnisotropicUNet3D,
     data: _Data,
@@ -488,7 +467,7 @@ def _fit(
     net.train()
     window: list[float] = []
     last = float("nan")
-    with _steps_bar(progress, steps) as advance:
+    with step_bar(progress, "EM segmenter", steps) as advance:
         for step in range(1, steps + 1):
             x, y = _sample(data, patch, batch, rng, aug, mito_patches)
             logits = net(x)

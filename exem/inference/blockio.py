@@ -34,6 +34,7 @@ from exem.checks import fmt_voxels
 from exem.data.ome import downsample_inplane
 from exem.data.volume import Volume
 from exem.inference.plan import Block, BlockPlan
+from exem.progress import progress_bar
 
 __all__ = [
     "DEFAULT_NUM_WORKERS",
@@ -536,28 +537,9 @@ class BlockWriter(BasePredictionWriter):
             self._bar.update(self._task, advance=1, rate=f"{self._voxels / elapsed / 1e6:.2f} Mvox/s")
 
     def _start_bar(self, trainer: L.Trainer) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         dm = trainer.datamodule
         total = len(dm.shard) if isinstance(dm, BlockDataModule) else None
-        self._bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("blocks"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
+        self._bar = progress_bar("blocks", "{task.fields[rate]}", remaining=True)
         who = f" (rank 0 of {trainer.world_size})" if trainer.world_size > 1 else ""
         self._task = self._bar.add_task(f"{self.output.name}{who}", total=total, rate="")
         self._bar.start()
