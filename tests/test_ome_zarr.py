@@ -316,3 +316,91 @@ def test_is_group_in_both_formats(tmp_path: Path) -> None:
     assert not is_group(tmp_path / "bad")
     shutil.rmtree(tmp_path / "0.4")
     assert not is_group(tmp_path / "0.4")
+
+
+_WINDOW = {"min": 0.0, "max": 255.0, "start": 0.0, "end": 255.0}
+
+
+def _ome_zarr_py_reference(path: Path, version: str, *, channels: list | None, label: bool) -> dict:
+    """The attributes ome-zarr-py writes for the same image (the maintained writer exem's metadata must equal)."""
+    import warnings
+
+    from ome_zarr.format import FormatV04, FormatV05
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr import writer
+    from exem.data.ome import AXES, CHANNEL_AXIS, datasets_metadata
+
+    fmt = FormatV05() if version == "0.5" else FormatV04()
+    root = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
+    group = root.create_group("img")
+    axes = ([CHANNEL_AXIS] if channels else []) + AXES
+    datasets = datasets_metadata((40, 8, 8), [(1, 1, 1), (1, 2, 2)], (0, 8, 16), channel_axis=bool(channels))
+    writer.write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes, name="image")
+    if channels:
+        writer.add_metadata(group, {"omero": {"channels": channels}}, fmt=fmt)
+    if label:
+        writer.add_metadata(
+            root, {"labels": [], **({"version": fmt.version} if version == "0.5" else {})}, fmt=fmt
+        )
+        colors = [{"label-value": 0, "rgba": [0, 0, 0, 0]}, {"label-value": 1, "rgba": [230, 25, 75, 255]}]
+        properties = [{"label-value": 0, "name": "bg"}, {"label-value": 1, "name": "mito"}]
+        writer.write_label_metadata(
+            root, "img", colors=colors, properties=properties, fmt=fmt, source={"image": "../p"}
+        )
+    return {
+        "image": dict(zarr.open_group(str(path / "img")).attrs),
+        "parent": dict(zarr.open_group(str(path)).attrs),
+    }
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+@pytest.mark.parametrize(
+    ("channels", "label"),
+    [(None, False), ([{"label": "virtual_em", "color": "FFFFFF", "window": _WINDOW}], False), (None, True)],
+)
+def test_metadata_equals_ome_zarr_py(
+    tmp_path: Path, version: str, channels: list | None, label: bool
+) -> None:
+    """Image, OMERO channels, image-label and the parent's labels list: what ome-zarr-py writes, key for key."""
+    from exem.data.ome import create_ome_zarr, write_image_label
+
+    want = _ome_zarr_py_reference(tmp_path / "ref", version, channels=channels, label=label)
+    root = zarr.open_group(str(tmp_path / "exem"), mode="w", zarr_format=ZARR_FORMATS[version])
+    group = create_ome_zarr(
+        tmp_path / "exem" / "img",
+        (4, 8, 8),
+        "uint8",
+        (40, 8, 8),
+        chunks=(4, 8, 8),
+        factors=[(1, 1, 1), (1, 2, 2)],
+        ngff_version=version,
+        origin_nm=(0, 8, 16),
+        channels=channels,
+    )
+    if label:
+        write_image_label(group, parent=root, source_image="../p", label_names={0: "bg", 1: "mito"})
+    assert json.loads(json.dumps(dict(group.attrs))) == json.loads(json.dumps(want["image"]))
+    assert dict(zarr.open_group(str(tmp_path / "exem")).attrs) == want["parent"]
+    key = {"0.5": {"name": "default", "configuration": {"separator": "/"}}, "0.4": None}[version]
+    if key is not None:
+        assert group["0"].metadata.to_dict()["chunk_key_encoding"] == key
+    else:
+        assert group["0"].metadata.dimension_separator == "/"
+
+
+def test_writing_metadata_does_not_import_ome_zarr_py(tmp_path: Path) -> None:
+    """ome-zarr-py's package imports dask, xarray and pandas (1.3 s before every run's first batch on 2 cores):
+    exem writes images and label images without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from exem.data.ome import create_ome_zarr, write_image_label\n"
+        f"g = create_ome_zarr({str(tmp_path / 'l')!r}, (4, 8, 8), 'uint32', (40, 8, 8), chunks=(4, 8, 8))\n"
+        "write_image_label(g, label_names={0: 'bg', 1: 'mito'})\n"
+        "print(sorted(m for m in ('ome_zarr', 'dask', 'xarray') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
