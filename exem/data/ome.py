@@ -93,21 +93,30 @@ def _schema(version: str, module: str, name: str) -> Any:
     return getattr(importlib.import_module(f"ome_zarr_models.v0{version[-1]}.{module}"), name)
 
 
-def _put_ngff(group: zarr.Group, version: str, meta: Mapping[str, Any], schema: Any) -> None:
-    """Add ``meta`` to the group's NGFF attributes (0.5: under ``"ome"``, with its ``version``; 0.4: beside the
-    others), validated as a whole by the ome-zarr-models ``schema`` and written as it dumps them.
+def _validated(
+    version: str, current: Mapping[str, Any], meta: Mapping[str, Any], schema: Any
+) -> dict[str, Any]:
+    """NGFF attributes ``current`` with ``meta`` added (0.5: with its ``version``), validated as a whole by the
+    ome-zarr-models ``schema`` and dumped as JSON.
 
     Raises:
         pydantic.ValidationError: the metadata break the OME-Zarr schema (a bug in exem, not in the user's input).
     """
-    merged = {**ome_attributes(group), **meta}
-    if version == "0.5":
-        merged["version"] = "0.5"
-    valid = schema.model_validate(merged).model_dump(mode="json", by_alias=True, exclude_none=True)
-    if version == "0.5":
-        group.attrs["ome"] = valid
-    else:
-        group.attrs.update(valid)
+    merged = {**current, **meta, **({"version": "0.5"} if version == "0.5" else {})}
+    return schema.model_validate(merged).model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _write_ngff(
+    group: zarr.Group, version: str, ngff: Mapping[str, Any], others: Mapping[str, Any] | None = None
+) -> None:
+    """Write NGFF attributes (0.5: under ``"ome"``; 0.4: at the top) and ``others`` (exem's record) in one update."""
+    more = dict(others or {})
+    group.attrs.update({"ome": dict(ngff), **more} if version == "0.5" else {**ngff, **more})
+
+
+def _put_ngff(group: zarr.Group, version: str, meta: Mapping[str, Any], schema: Any) -> None:
+    """Add ``meta`` to the group's NGFF attributes, validated (:func:`_validated`) and written."""
+    _write_ngff(group, version, _validated(version, ome_attributes(group), meta, schema))
 
 
 def _compressor(zarr_format: int) -> Any:
@@ -229,8 +238,20 @@ def create_ome_zarr(
     version = check_ngff_version(ngff_version)
     shards = check_shards(shards, version)
     zarr_format = ZARR_FORMATS[version]
-    group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=zarr_format)
     axes = ([CHANNEL_AXIS] if channels else []) + copy.deepcopy(AXES)
+    multiscale: dict[str, Any] = {
+        "datasets": datasets_metadata(voxel_size_nm, factors, origin_nm, channel_axis=bool(channels)),
+        "name": name,
+        "axes": axes,
+        **({"version": version} if version == "0.4" else {}),
+    }
+    meta: dict[str, Any] = {"multiscales": [multiscale]}
+    if channels:
+        meta["omero"] = {"channels": [dict(c) for c in channels]}
+    # validated before anything is on disk; then the group, its arrays, and one attribute write with the record, so
+    # a run killed in between leaves no group with data arrays but no record for long (a rerun refuses those)
+    ngff = _validated(version, {}, meta, _schema(version, "image", "ImageAttrs"))
+    group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=zarr_format)
     extra: dict[str, Any] = {"dimension_names": [a["name"] for a in axes]} if zarr_format == 3 else {}
     lead = (len(channels),) if channels else ()
     one = (1,) if channels else ()
@@ -247,18 +268,7 @@ def create_ome_zarr(
             chunk_key_encoding=CHUNK_KEY_ENCODINGS[version],
             **extra,
         )
-    multiscale: dict[str, Any] = {
-        "datasets": datasets_metadata(voxel_size_nm, factors, origin_nm, channel_axis=bool(channels)),
-        "name": name,
-        "axes": axes,
-        **({"version": version} if version == "0.4" else {}),
-    }
-    meta: dict[str, Any] = {"multiscales": [multiscale]}
-    if channels:
-        meta["omero"] = {"channels": [dict(c) for c in channels]}
-    _put_ngff(group, version, meta, _schema(version, "image", "ImageAttrs"))
-    if attributes:
-        group.attrs.update(attributes)
+    _write_ngff(group, version, ngff, attributes)
     return group
 
 
