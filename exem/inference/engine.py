@@ -242,13 +242,17 @@ class BlockPredictor(L.LightningModule):
         def emit(z0: int, values: Tensor) -> None:
             nonlocal result, shipped
             low, high = torch.aminmax(values)  # NaN propagates to both; ±Inf shows in one of them
-            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            # both facts in one device→host read (one sync per slab on a GPU)
+            finite, within_unit = torch.stack(
+                [torch.isfinite(low) & torch.isfinite(high), (low >= 0.0) & (high <= 1.0)]
+            ).tolist()
+            if not finite:
                 self._non_finite(block)
             if result is None:
                 out_dtype = getattr(torch, self.out_dtype)
                 result = torch.empty((values.shape[0], *block.shape), dtype=out_dtype, device=device)
             done = z0 + values.shape[1]
-            result[:, z0:done].copy_(self.cast(values, within_unit=bool((low >= 0.0) & (high <= 1.0))))
+            result[:, z0:done].copy_(self.cast(values, within_unit=within_unit))
             while sink is not None and (shipped + chunk_z <= done or done == block.shape[0] > shipped):
                 end = min(shipped + chunk_z, block.shape[0])
                 levels = [result[:, shipped:end]]
