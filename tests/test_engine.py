@@ -215,9 +215,11 @@ def test_identity_net_keeps_a_constant_volume(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("full_range", [False, True])
-@pytest.mark.parametrize("dtype", ["uint8", "uint16", ">u2", "uint32", "int16", "float32", ">f8"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", ">u2", "uint32", "int16", "float16", "float32", ">f8"])
 def test_device_normalisation_is_bit_identical_to_normalize(dtype: str, full_range: bool) -> None:
-    """Also where the engine skips steps that change nothing (lo = 0, scale 1, no clip over the dtype's range)."""
+    """Also where the engine skips steps that change nothing (lo = 0, scale 1, no clip over the dtype's range) or
+    fuses the conversion to float32 into the first step, and as the engine calls it: a strided patch of the raw
+    context into one slot of the batch buffer."""
     rng = np.random.default_rng(3)
     info = np.iinfo(dtype) if np.dtype(dtype).kind in "ui" else None
     lo, hi = (100.0, 3000.5) if info is None or info.max > 255 else (3.0, 200.0)
@@ -234,6 +236,10 @@ def test_device_normalisation_is_bit_identical_to_normalize(dtype: str, full_ran
     raw = raw_tensor(a)
     got = predictor.normalize(raw).numpy()
     np.testing.assert_array_equal(got, normalize(a, lo, hi))
+    batch = torch.full((2, 4, 4, 4), -7.0)
+    predictor.normalize(raw[:, 2:6, 1:5], out=batch[1])
+    np.testing.assert_array_equal(batch[1].numpy(), normalize(a[:, 2:6, 1:5], lo, hi))
+    assert bool((batch[0] == -7.0).all())
     seen = torch.int64 if predictor._unsigned_mask and raw.dtype in (torch.int16, torch.int32) else raw.dtype
     assert predictor._maps_into_unit(seen) == (full_range and info is not None)  # the clip is skipped
 

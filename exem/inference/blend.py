@@ -334,9 +334,11 @@ class ZStreamBlender:
         for buf in (self._weight, self._sums):
             if buf is None:
                 continue  # no patch yet: no value sums to carry
-            if keep and off:  # the carried slices go to the front (through a copy if they overlap it)
-                src = buf[..., off : off + keep, :, :]
-                buf[..., :keep, :, :] = src.clone() if off < keep else src
+            # the carried slices go to the front, in steps of `off` slices: a step's source never overlaps its
+            # destination, and later steps read only slices above it (no temporary copy, no fresh memory)
+            for k in range(0, keep if off else 0, off or 1):
+                n = min(off, keep - k)
+                buf[..., k : k + n, :, :] = buf[..., off + k : off + k + n, :, :]
             buf[..., keep : hi - lo, :, :].zero_()
         sums = None if self._sums is None else self._sums[:, : hi - lo]
         acc = BlendAccumulator(

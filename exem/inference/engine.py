@@ -137,6 +137,7 @@ class BlockPredictor(L.LightningModule):
         # float32 constants exactly as normalize() uses them: (x − f32(lo)) · f32(1 / (hi − lo)).
         self._lo = float(np.float32(lo))
         self._scale = float(np.float32(1.0 / (hi - lo)))
+        self._unit: dict[torch.dtype, bool] = {}  # _maps_into_unit per raw dtype
         self.sigma = float(sigma)
         self.floor = float(floor)
         # None: chosen on the device at the first block (probe_batch_size), then fixed for the run
@@ -183,17 +184,31 @@ class BlockPredictor(L.LightningModule):
         """
         if self._unsigned_mask and raw.dtype in (torch.int16, torch.int32):
             raw = raw.to(torch.int64).bitwise_and_(self._unsigned_mask)
-        out = raw.to(torch.float32, copy=True) if out is None else out.copy_(raw)
+        if out is None:
+            out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
         # steps that cannot change a value are skipped (x − 0 = x, x · 1 = x, and no clip when every value the
-        # dtype can hold already maps into [0, 1]): the same bits, fewer passes over the patch row
-        if self._lo != 0.0:
-            out.sub_(self._lo)
-        if self._scale != 1.0:
-            out.mul_(self._scale)
+        # dtype can hold already maps into [0, 1]); where the op's own promotion computes in float32 (integer or
+        # float32 input: each value is converted to float32 first, the scalar is float32), the conversion is fused
+        # into the first step: the same bits, fewer passes over the patch
+        steps = [(torch.sub, self._lo)] if self._lo != 0.0 else []
+        steps += [(torch.mul, self._scale)] if self._scale != 1.0 else []
+        if steps and torch.result_type(raw, steps[0][1]) == torch.float32:
+            (op, value), steps = steps[0], steps[1:]
+            op(raw, value, out=out)
+        else:
+            out.copy_(raw)
+        for op, value in steps:
+            op(out, value, out=out)
         return out if self._maps_into_unit(raw.dtype) else out.clamp_(0.0, 1.0)
 
     def _maps_into_unit(self, dtype: torch.dtype) -> bool:
-        """Whether every value of integer ``dtype`` (as :meth:`normalize` reads it) maps into [0, 1] unclipped."""
+        """Whether every value of integer ``dtype`` (as :meth:`normalize` reads it) maps into [0, 1] unclipped
+        (computed once per dtype: :meth:`normalize` asks for every patch)."""
+        if dtype not in self._unit:
+            self._unit[dtype] = self._compute_maps_into_unit(dtype)
+        return self._unit[dtype]
+
+    def _compute_maps_into_unit(self, dtype: torch.dtype) -> bool:
         if dtype.is_floating_point or dtype == torch.bool:
             return False  # any value, NaN included
         if dtype == torch.int64 and self._unsigned_mask:
@@ -210,8 +225,8 @@ class BlockPredictor(L.LightningModule):
     ) -> Tensor:
         """The blended, cast prediction of one block.
 
-        Patches run through the network in batches of ``batch_size``, in the global grid's order. Each patch row's
-        Z slab of the context is normalised once, and the patches are cut from it into one reused batch buffer;
+        Patches run through the network in batches of ``batch_size``, in the global grid's order. Each patch is
+        normalised straight from the raw context into one reused batch buffer (one pass per patch for uint8);
         the Gaussian blend is streamed along Z (:class:`~exem.inference.blend.ZStreamBlender`, its buffers of one
         patch depth reused), and each finished slab is checked and cast straight into the output. Apart from
         the output, the memory is allocated once per block (fresh large tensors cost page faults on the CPU).
@@ -270,18 +285,14 @@ class BlockPredictor(L.LightningModule):
             dtype=self.autocast_dtype or torch.bfloat16,
             enabled=self.autocast_dtype is not None,
         )
-        row = torch.empty((pz, raw.shape[1], raw.shape[2]), dtype=torch.float32, device=device)
         if self.batch_size is None:
             self.batch_size = probe_batch_size(self.net, block.patch, device, self.autocast_dtype)
         batch = torch.empty((self.batch_size, pz, py, px), dtype=torch.float32, device=device)
-        row_z: int | None = None
         for i in range(0, len(starts), self.batch_size):
             chunk = starts[i : i + self.batch_size]
-            for j, (sz, sy, sx) in enumerate(chunk):
-                if sz != row_z:  # a new patch row: normalise its Z slab of the context once
-                    self.normalize(raw[sz - c0[0] : sz - c0[0] + pz], out=row)
-                    row_z = sz
-                batch[j].copy_(row[:, sy - c0[1] : sy - c0[1] + py, sx - c0[2] : sx - c0[2] + px])
+            for j, (sz, sy, sx) in enumerate(chunk):  # each patch normalised straight from the raw context
+                z, y, x = sz - c0[0], sy - c0[1], sx - c0[2]
+                self.normalize(raw[z : z + pz, y : y + py, x : x + px], out=batch[j])
             # Always call the network with the same batch size (repeat the last patch): a patch's output then does
             # not depend on which other patches share its batch, i.e. on the block split.
             batch[len(chunk) :] = batch[len(chunk) - 1]
