@@ -51,6 +51,14 @@ def test_window_floor_and_errors() -> None:
         gaussian_window((3, 0, 3))
 
 
+@pytest.mark.parametrize(("sigma", "floor", "match"), [(0.0, 1e-4, "sigma"), (0.5, 0.0, "floor")])
+def test_window_cache_checks_its_parameters_when_built(sigma: float, floor: float, match: str) -> None:
+    """Bad blending parameters fail when the engine is set up, not at the first patch of a run."""
+    grid = PatchGrid((8, 32, 32), (4, 16, 16), (2, 8, 8))
+    with pytest.raises(ValueError, match=match):
+        WindowCache(grid, sigma, floor)
+
+
 @pytest.mark.parametrize(
     ("shape", "patch", "overlap", "box"),
     [

@@ -98,7 +98,7 @@ class WindowCache:
         self.shape = tuple(int(v) for v in grid.shape)
         self.sigma, self.floor = float(sigma), float(floor)
         self.halo = tuple(int(v) for v in halo)
-        gaussian_window(self.patch, self.sigma, self.floor)  # validate sigma / floor early
+        gaussian_window((1, 1, 1), self.sigma, self.floor)  # validate sigma / floor now; the window: in get
         for ax, (h, starts, p, n) in enumerate(
             zip(self.halo, grid.starts, self.patch, self.shape, strict=True)
         ):
