@@ -267,8 +267,9 @@ class ZStreamBlender:
         self._acc: BlendAccumulator | None = None  # sums of box slices [_lo, _hi) (global Z)
         self._lo = self._hi = self.box_start[0]
         self._next = self.box_start[0]  # first box slice (global Z) not handed back yet
-        # the sums of one patch depth: weight now, acc (C, depth, Y, X) at the first patch (when C is known)
-        self._weight = torch.zeros(
+        # the sums of one patch depth: weight now, acc (C, depth, Y, X) at the first patch (when C is known); each
+        # row's _move zeroes the weight slices it does not carry (all of them at the first row): no zeros here
+        self._weight = torch.empty(
             (min(self.depth, self.box_shape[0]), *self.box_shape[1:]),
             dtype=torch.float32,
             device=window.device,
