@@ -127,7 +127,7 @@ def stages(src: Path, tmp: Path, args: argparse.Namespace, device: torch.device)
 
     with torch.inference_mode():
         for i in range(len(dataset)):
-            index, raw = timed("read", dataset.__getitem__, i)
+            index, _, raw = timed("read", dataset.__getitem__, i)
             block = plan.blocks[index]
             raw = timed("host_to_device", lambda r: r.to(device), raw)
             values = timed("blend", predictor.predict_block, block, raw)

@@ -15,6 +15,7 @@ from exem.data.grid import PatchGrid
 from exem.data.ome import create_ome_zarr, downsample_inplane
 from exem.data.volume import normalize, open_volume
 from exem.inference import engine
+from exem.inference.blend import ZStreamBlender
 from exem.inference.blockio import DONE_DIR, BlockWriter, done_blocks, raw_tensor
 from exem.inference.engine import run_blockwise
 from exem.inference.plan import plan_blocks, resolve_region
@@ -378,7 +379,7 @@ def test_chunk_rows_go_to_the_sink_while_the_block_is_computed(net, raw) -> None
     ctx = tuple(slice(a, b) for a, b in zip(block.context_start, block.context_stop, strict=True))
     rows: list[tuple[int, np.ndarray, int]] = []
     patches_seen: list[int] = []
-    real_add = engine.ZStreamBlender.add
+    real_add = ZStreamBlender.add
 
     def counting_add(self, out, start, window=None):  # noqa: ANN001, ANN202
         patches_seen.append(1)
@@ -388,11 +389,11 @@ def test_chunk_rows_go_to_the_sink_while_the_block_is_computed(net, raw) -> None
         assert ready is None  # on the CPU: a view, nothing to wait for
         rows.append((z0, np.array(levels[0]), len(patches_seen)))
 
-    engine.ZStreamBlender.add = counting_add
+    ZStreamBlender.add = counting_add
     try:
         result = predictor.predict_block(block, raw_tensor(raw[ctx]), sink=sink).numpy()
     finally:
-        engine.ZStreamBlender.add = real_add
+        ZStreamBlender.add = real_add
     assert [z0 for z0, _, _ in rows] == list(range(0, block.shape[0], 4))
     np.testing.assert_array_equal(np.concatenate([r for _, r, _ in rows], axis=1), result)
     assert rows[0][2] < block.num_patches  # the first row left before the last patch was blended

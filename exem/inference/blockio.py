@@ -1,6 +1,7 @@
 """Block input/output of the engine: reading block contexts ahead, writing blocks behind, done-markers.
 
-- Reading: :class:`BlockDataset` (one item = one block's context in the raw dtype) in DataLoader workers;
+- Reading: :class:`BlockDataset` (one item = one block's context in the raw dtype, or one Z part of it) in
+  DataLoader workers;
   :class:`BlockDataModule` serves each rank its share of the blocks that are not done yet.
 - Writing: :class:`BlockWriter` (a ``BasePredictionWriter``) writes each block, and its in-plane 2× pyramid
   levels, on a background thread and only then creates the block's done-markers
@@ -104,34 +105,67 @@ def raw_tensor(raw: np.ndarray) -> Tensor:
 
 
 class BlockDataset(Dataset):
-    """Blocks of a plan, one item per block: the raw voxels of the block's context.
+    """The raw context of a plan's blocks, whole or in Z parts.
 
     Args:
         volume: the input volume (picklable; path-backed volumes reopen in DataLoader workers).
         plan: the block plan.
         indices: block indices (into ``plan.blocks``) served by this dataset, in order.
+        part_voxels: None: one item per block (its whole context); else each context in Z parts of about this
+            many voxels (at least one Z slice), their borders on the input's Z chunks where it has them, so the
+            engine starts a large block before all of it is read (:class:`~exem.inference.blockrun.BlockRun`).
 
-    Items are ``(block index, raw context)`` with the context a ``(cz, cy, cx)`` CPU tensor of the raw bytes
-    (uint16/uint32 viewed as int16/int32, see :meth:`BlockPredictor.normalize`), read with ``Volume.read`` (only
-    those voxels are read).
+    Items are ``(block index, z0, raw rows)``: rows ``[z0, z0 + dz)`` of the block's context (relative to its
+    start), a ``(dz, cy, cx)`` CPU tensor of the raw bytes (uint16/uint32 viewed as int16/int32, see
+    :meth:`BlockPredictor.normalize`), read with ``Volume.read`` (only those voxels are read); a block's parts come
+    in order, one after the other.
     """
 
-    def __init__(self, volume: Volume, plan: BlockPlan, indices: Sequence[int]) -> None:
+    def __init__(
+        self, volume: Volume, plan: BlockPlan, indices: Sequence[int], part_voxels: int | None = None
+    ) -> None:
         self.volume = volume
         self.plan = plan
         self.indices = [int(i) for i in indices]
+        self.items = [
+            (i, z0, z1) for i in self.indices for z0, z1 in self._parts(plan.blocks[i], part_voxels)
+        ]
+
+    def _parts(self, block: Block, part_voxels: int | None) -> list[tuple[int, int]]:
+        """Z ranges of the block's context (relative to its start) served as separate items."""
+        depth = block.context_stop[0] - block.context_start[0]
+        if part_voxels is None:
+            return [(0, depth)]
+        plane = (block.context_stop[1] - block.context_start[1]) * (
+            block.context_stop[2] - block.context_start[2]
+        )
+        step = max(1, int(part_voxels) // max(1, plane))
+        chunks = getattr(self.volume.array, "chunks", None)  # zarr: (Z, Y, X) or (C, Z, Y, X); numpy: none
+        cz = int(chunks[-3]) if isinstance(chunks, tuple) and len(chunks) >= 3 else 1
+        first = self.plan.origin[0] + block.context_start[0]  # the context's first slice in the volume
+        step = max(cz, step - step % cz)  # whole input chunks in Z per part
+        edges = [0]
+        cut = step - first % cz  # the first border on a chunk border
+        while cut < depth:
+            if cut > 0:
+                edges.append(cut)
+            cut += step
+        edges.append(depth)
+        return list(zip(edges[:-1], edges[1:], strict=True))
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, Tensor]:
-        block = self.plan.blocks[self.indices[i]]
+    def __getitem__(self, i: int) -> tuple[int, int, Tensor]:
+        index, z0, z1 = self.items[i]
+        block = self.plan.blocks[index]
         origin = self.plan.origin
         sl = tuple(
             slice(o + a, o + b)
             for o, a, b in zip(origin, block.context_start, block.context_stop, strict=True)
         )
-        return block.index, raw_tensor(self.volume.read(sl))  # type: ignore[arg-type]
+        sl = (slice(sl[0].start + z0, sl[0].start + z1), *sl[1:])
+        return index, z0, raw_tensor(self.volume.read(sl))  # type: ignore[arg-type]
 
 
 def _single(batch: list[Any]) -> Any:
@@ -188,7 +222,8 @@ class BlockDataModule(L.LightningDataModule):
     markers are read before any rank writes and all ranks agree on the remaining blocks. Rank ``r`` of ``n``
     takes every n-th remaining block starting at r, wrapped in a one-replica ``DistributedSampler`` so that
     Lightning does not shard it again (its ``UnrepeatedDistributedSamplerWrapper`` asserts that every rank gets
-    at least one item, which fails when fewer blocks than ranks remain).
+    at least one item, which fails when fewer blocks than ranks remain). ``part_voxels``: serve each block's
+    context in Z parts of about this many voxels (:class:`BlockDataset`); None: whole.
     """
 
     def __init__(
@@ -201,8 +236,10 @@ class BlockDataModule(L.LightningDataModule):
         out_dtype: str,
         num_workers: int = DEFAULT_NUM_WORKERS,
         prepare: Callable[[], None] | None = None,
+        part_voxels: int | None = None,
     ) -> None:
         super().__init__()
+        self.part_voxels = part_voxels
         self.out_dtype = out_dtype
         self.volume = volume
         self.plan = plan
@@ -234,7 +271,7 @@ class BlockDataModule(L.LightningDataModule):
             )
 
     def predict_dataloader(self) -> DataLoader:
-        dataset = BlockDataset(self.volume, self.plan, self.shard)
+        dataset = BlockDataset(self.volume, self.plan, self.shard, self.part_voxels)
         trainer = self.trainer
         cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
         kwargs: dict[str, Any] = {}
@@ -363,6 +400,8 @@ class BlockWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if prediction is None:
+            return  # a part of a block's context: the block is not complete yet
         index, data = prediction
         # a block streamed slab by slab (put_slab) is complete now; else it comes whole
         self._put(("done", int(index)) if data is None else ("block", int(index), np.asarray(data)))

@@ -12,7 +12,9 @@ How it works
   bit-identical outputs.
 - Compute: :class:`BlockPredictor` (a LightningModule) normalises on the device, cuts the patches, runs the
   network in batches, blends on the device streaming along Z (float32 sums for one patch depth of slices at a
-  time, :class:`~exem.inference.blend.ZStreamBlender`) and casts each finished slab into the block's output.
+  time, :class:`~exem.inference.blend.ZStreamBlender`) and casts each finished slab into the block's output;
+  :class:`~exem.inference.blockrun.BlockRun` does this for one block as its context arrives (in Z parts on a
+  GPU, so a one-block volume starts before all of it is read).
 - Many devices / nodes: ``Trainer.predict`` under DDP. :class:`~exem.inference.blockio.BlockDataModule` prepares
   the output on global rank 0 once the process group exists, every rank then reads the markers (before any rank
   writes) and takes every ``world_size``-th remaining block. The per-block computation does not depend on the
@@ -38,13 +40,12 @@ from torch import Tensor, nn
 
 from exem.allocator import keep_freed_memory
 from exem.checks import fmt_voxels, one_of
-from exem.data.grid import AXIS_NAMES
 from exem.data.volume import Volume
-from exem.inference.batching import DEFAULT_BATCH_SIZE, probe_batch_size
-from exem.inference.blend import WindowCache, ZStreamBlender
+from exem.inference.batching import DEFAULT_BATCH_SIZE
+from exem.inference.blend import WindowCache
 from exem.inference.blockio import DEFAULT_NUM_WORKERS, BlockDataModule, BlockWriter, done_blocks
+from exem.inference.blockrun import BlockRun
 from exem.inference.plan import CPU_BLOCK_VOXELS, DEFAULT_BLOCK_VOXELS, Block, BlockPlan
-from exem.inference.pyramid import downsample_rows
 from exem.perf import compile_or_eager
 from exem.quiet import lightning_announcements_muted, lightning_noise_silenced
 
@@ -67,6 +68,10 @@ OUT_DTYPES = ("uint8", "float16", "float32")
 # Threads writing chunk rows on a GPU host (the engine ceiling there asks for ≥ 150 Mvox/s; one thread encodes
 # ~140-200 Mvox/s of uint8 levels 0 + 1 on this project's CPU).
 GPU_WRITE_WORKERS = 4
+# On a GPU a block's context is read in Z parts of about this many voxels (64 MB of uint8; 16 slices of a
+# 2048×2048 plane), so a one-block volume starts computing after its first part instead of after all of it (a
+# 128×2048×2048 context is 512 MB). On the CPU contexts come whole: no reader processes run beside the compute there.
+GPU_CONTEXT_PART_VOXELS = 2**26
 # ----------------------------------------------------------------------------------------------------------
 # compute
 
@@ -157,6 +162,7 @@ class BlockPredictor(L.LightningModule):
         # pyramid levels of those rows computed on the device (exact, pyramid.downsample_rows): None = on a GPU,
         # where it spares the writer thread; on the CPU the writer thread does it, next to the compute
         self.device_levels: bool | None = None
+        self._run: BlockRun | None = None  # the block whose context parts are arriving (predict_step)
 
     def configure_model(self) -> None:
         """Lightning hook (once per run, on every rank): compile the network when asked (idempotent)."""
@@ -223,96 +229,16 @@ class BlockPredictor(L.LightningModule):
     def predict_block(
         self, block: Block, raw: Tensor, sink: Callable[[int, int, Any, Any], None] | None = None
     ) -> Tensor:
-        """The blended, cast prediction of one block.
-
-        Patches run through the network in batches of ``batch_size``, in the global grid's order. Each patch is
-        normalised straight from the raw context into one reused batch buffer (one pass per patch for uint8);
-        the Gaussian blend is streamed along Z (:class:`~exem.inference.blend.ZStreamBlender`, its buffers of one
-        patch depth reused), and each finished slab is checked and cast straight into the output. Apart from
-        the output, the memory is allocated once per block (fresh large tensors cost page faults on the CPU).
-
-        Args:
-            block: a block of :attr:`plan`.
-            raw: the block's raw context ``(cz, cy, cx)`` (any device; moved to this module's device).
-            sink: called with ``(block index, z0, levels, ready)`` for each chunk row of the output (Z rows
-                ``[z0, z0 + chunk_z)`` relative to the block, the last one shorter) as soon as it is final, while
-                the rest of the block is computed: ``levels`` holds the rows ``(C, dz, by, bx)`` and, with
-                :meth:`levels_on_device`, their pyramid levels, on the host (views on the CPU; pinned copies on a GPU,
-                with ``ready`` the CUDA event to wait for before reading them; else None).
-
-        Returns:
-            ``(C, bz, by, bx)`` tensor of ``out_dtype`` on the device.
+        """The blended, cast prediction of one block from its whole raw context ``(cz, cy, cx)`` (any device):
+        ``(C, bz, by, bx)`` of ``out_dtype`` on the device. :class:`~exem.inference.blockrun.BlockRun` does the work
+        (and takes the context in Z parts); ``sink`` as there.
 
         Raises:
             ValueError: non-finite values in the blended output (the block is not written).
         """
-        device = self.device
-        raw = raw.to(device, non_blocking=True)
-        c0 = block.context_start
-        pz, py, px = block.patch
-        result: Tensor | None = None
-        chunk_z = self.plan.chunks[0] if self.plan.chunks is not None else block.shape[0]
-        shipped = 0  # output rows handed to the sink
-
-        def emit(z0: int, values: Tensor) -> None:
-            nonlocal result, shipped
-            low, high = torch.aminmax(values)  # NaN propagates to both; ±Inf shows in one of them
-            # both facts in one device→host read (one sync per slab on a GPU)
-            finite, within_unit = torch.stack(
-                [torch.isfinite(low) & torch.isfinite(high), (low >= 0.0) & (high <= 1.0)]
-            ).tolist()
-            if not finite:
-                self._non_finite(block)
-            if result is None:
-                out_dtype = getattr(torch, self.out_dtype)
-                result = torch.empty((values.shape[0], *block.shape), dtype=out_dtype, device=device)
-            done = z0 + values.shape[1]
-            result[:, z0:done].copy_(self.cast(values, within_unit=within_unit))
-            while sink is not None and (shipped + chunk_z <= done or done == block.shape[0] > shipped):
-                end = min(shipped + chunk_z, block.shape[0])
-                levels = [result[:, shipped:end]]
-                if self.levels_on_device(device):
-                    while len(levels) < self.plan.levels:
-                        levels.append(downsample_rows(levels[-1]))
-                sink(block.index, shipped, *_to_host(levels))
-                shipped = end
-
-        blender = ZStreamBlender(block.start, block.shape, self.window(device), consume=emit)
-
-        starts = list(block.patches())
-        autocast = torch.autocast(
-            device_type=device.type,
-            dtype=self.autocast_dtype or torch.bfloat16,
-            enabled=self.autocast_dtype is not None,
-        )
-        if self.batch_size is None:
-            self.batch_size = probe_batch_size(self.net, block.patch, device, self.autocast_dtype)
-        batch = torch.empty((self.batch_size, pz, py, px), dtype=torch.float32, device=device)
-        for i in range(0, len(starts), self.batch_size):
-            chunk = starts[i : i + self.batch_size]
-            for j, (sz, sy, sx) in enumerate(chunk):  # each patch normalised straight from the raw context
-                z, y, x = sz - c0[0], sy - c0[1], sx - c0[2]
-                self.normalize(raw[z : z + pz, y : y + py, x : x + px], out=batch[j])
-            # Always call the network with the same batch size (repeat the last patch): a patch's output then does
-            # not depend on which other patches share its batch, i.e. on the block split.
-            batch[len(chunk) :] = batch[len(chunk) - 1]
-            with autocast:
-                out = self.net(batch.unsqueeze(1))
-            for j, start in enumerate(chunk):
-                blender.add(out[j], start, self.window(device, start) if any(self.halo) else None)
-        blender.finish()
-        assert result is not None
-        return result
-
-    def _non_finite(self, block: Block) -> None:
-        o = self.plan.origin
-        where = ", ".join(
-            f"{n} {o[ax] + block.start[ax]}:{o[ax] + block.stop[ax]}" for ax, n in enumerate(AXIS_NAMES)
-        )
-        raise ValueError(
-            f"non-finite values (NaN/Inf) in the output of block {block.id} (input {where});"
-            " is the input finite? The block is not marked done"
-        )
+        run = BlockRun(self, block, sink)
+        run.feed(0, raw)
+        return run.finish()
 
     def cast(self, out: Tensor, within_unit: bool = False) -> Tensor:
         """Prepare blended float32 values for ``out_dtype`` on their device, in place: uint8
@@ -324,13 +250,24 @@ class BlockPredictor(L.LightningModule):
         return out
 
     def predict_step(
-        self, batch: tuple[int, Tensor], batch_idx: int, dataloader_idx: int = 0
-    ) -> tuple[int, Any]:
-        """``(block index, (C, bz, by, bx) numpy array)``; with a :attr:`sink` the rows went there chunk row by
-        chunk row while the block was computed, and the array is None (the block is complete)."""
-        index, raw = batch
+        self, batch: tuple[int, int, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> tuple[int, Any] | None:
+        """One Z part ``(block index, z0, raw rows)`` of a block's context (:class:`BlockDataset`): its batches run
+        now, and the part that completes the context finishes the block. Returns None before that; then ``(block
+        index, (C, bz, by, bx) numpy array)``, or with a :attr:`sink` (the rows went there chunk row by chunk row
+        while the block was computed) ``(block index, None)``."""
+        index, z0, raw = batch
         block = self.plan.blocks[int(index)]
-        result = self.predict_block(block, raw, sink=self.sink)
+        if int(z0) == 0:
+            self._run = BlockRun(self, block, self.sink)
+        run = self._run
+        if run is None or run.block.index != block.index:
+            raise RuntimeError(f"block {block.id}: context part at z {z0} without its first part")
+        run.feed(int(z0), raw)
+        if run.received < run.depth:
+            return None
+        self._run = None
+        result = run.finish()
         return int(index), None if self.sink is not None else result.cpu().numpy()
 
 
@@ -409,20 +346,6 @@ def module_state_kept(net: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _to_host(tensors: list[Tensor]) -> tuple[list[Tensor], Any]:
-    """``tensors`` on the host: themselves on the CPU; on a GPU non-blocking copies into pinned memory and the event
-    that marks their end (the writer thread waits for it, the device goes on computing)."""
-    if tensors[0].device.type != "cuda":
-        return tensors, None
-    hosts = []
-    for t in tensors:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        hosts.append(host.copy_(t, non_blocking=True))
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(tensors[0].device))
-    return hosts, ready
-
-
 def on_cpu(trainer: L.Trainer | None) -> bool:
     """Whether inference runs on the CPU: the trainer's device, or (no trainer) whether CUDA is absent."""
     if trainer is not None:
@@ -480,6 +403,7 @@ def run_blockwise(
     compile: bool = False,  # noqa: A002 - the config key's name
     write_workers: int | None = None,
     halo: Sequence[int] = (0, 0, 0),
+    context_part_voxels: int | None = None,
 ) -> BlockwiseResult:
     """Apply ``net`` to the plan's region of ``volume``, block by block, and write an image pyramid.
 
@@ -504,6 +428,9 @@ def run_blockwise(
         write_workers: threads writing chunk rows; None → 1 on the CPU, :data:`GPU_WRITE_WORKERS` on a GPU.
         halo: (z, y, x) voxels at each side of a patch's output that the network gets wrong (weight 0 away from
             the region's border; the plan's overlap must be ≥ 2 × halo).
+        context_part_voxels: read each block's context in Z parts of about this many voxels, and start computing
+            after the first (:class:`~exem.inference.blockrun.BlockRun`); 0: whole contexts; None → whole on the
+            CPU, :data:`GPU_CONTEXT_PART_VOXELS` on a GPU. The output does not depend on it.
 
     Returns:
         a :class:`BlockwiseResult`. Every rank returns after all blocks are written and rank 0 has set the
@@ -541,8 +468,17 @@ def run_blockwise(
         halo=halo,
     )
     workers = default_num_workers(trainer) if num_workers is None else int(num_workers)
+    if context_part_voxels is None:
+        context_part_voxels = None if on_cpu(trainer) else GPU_CONTEXT_PART_VOXELS
     datamodule = BlockDataModule(
-        volume, plan, root, levels=levels, out_dtype=out_dtype, num_workers=workers, prepare=prepare
+        volume,
+        plan,
+        root,
+        levels=levels,
+        out_dtype=out_dtype,
+        num_workers=workers,
+        prepare=prepare,
+        part_voxels=context_part_voxels or None,
     )
     workers = (1 if on_cpu(trainer) else GPU_WRITE_WORKERS) if write_workers is None else int(write_workers)
     writer = BlockWriter(root, plan, levels, progress=progress, workers=workers)
@@ -554,6 +490,7 @@ def run_blockwise(
         with lightning_noise_silenced(), module_state_kept(net):
             warnings.filterwarnings("ignore", message=".*across ranks is zero.*")  # every block already done
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # num_workers is ours
+            warnings.filterwarnings("ignore", message=".*predict returned None.*")  # a block's context parts
             trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
     finally:
         trainer.callbacks.remove(writer)
