@@ -112,22 +112,28 @@ def cli_end_to_end(args: argparse.Namespace, size: dict[str, Any], device: torch
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise SystemExit(f"exem-translate failed:\n{proc.stderr[-3000:]}")
-            found = re.search(r"voxels in ([0-9.]+) s \(([0-9.]+) Mvox/s\)", proc.stdout)
+            found = re.search(
+                r"voxels in ([0-9.]+) s \(([0-9.]+) Mvox/s(?:, first batch ([0-9.]+) s after start)?\)",
+                proc.stdout,
+            )
             if found is None:
                 raise SystemExit(f"no summary line in exem-translate's output:\n{proc.stdout[-2000:]}")
-            runs.append((wall, float(found.group(1)), float(found.group(2))))
+            first = None if found.group(3) is None else float(found.group(3))
+            runs.append((wall, float(found.group(1)), float(found.group(2)), first))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    wall, seconds, mvox = sorted(runs)[len(runs) // 2]
+    wall, seconds, mvox, first = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     print(
         f"  exem-translate: wall {wall:.2f} s, translation {seconds:.2f} s ({mvox:.2f} Mvox/s), "
-        f"start-up and exit {wall - seconds:.2f} s; extra arguments {args.cli_args}"
+        f"start-up and exit {wall - seconds:.2f} s, first batch {first} s after the command started;"
+        f" extra arguments {args.cli_args}"
     )
     return {
         "cli_wall_s": round(wall, 3),
         "cli_translate_s": round(seconds, 3),
         "cli_mvox_s": mvox,
         "cli_startup_s": round(wall - seconds, 3),
+        "cli_first_batch_s": first,  # the goal: ≤ 5 s (process start to the first network call)
         "cli_args": args.cli_args,
     }
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import zarr
 
+from exem.clock import process_age_s
 from exem.data.ome import downsample_inplane, read_multiscales, write_ome_zarr
 from exem.data.volume import open_volume
 from exem.inference.blockio import DONE_DIR
@@ -114,6 +115,9 @@ def test_output_is_an_ome_zarr_pyramid(reference) -> None:
     assert meta["input"] == str(Path(result.output).parent / "exm.ome.zarr")
     assert open_volume(out).voxel_size_nm == VOXEL
     assert open_volume(out, level=1).voxel_size_nm == (40.0, 20.0, 20.0)
+    # start-up: seconds from this process's start to the first network call, in the summary (issue 13's goal)
+    assert result.first_batch_s is not None and 0 < result.first_batch_s <= process_age_s()
+    assert f"first batch {result.first_batch_s:.1f} s after start" in result.summary()
 
 
 def test_default_overlap() -> None:
@@ -164,6 +168,7 @@ def test_overwrite_and_resume_with_other_settings(generator, exm, reference, tmp
     # same settings: resumed, nothing left to do
     result = translate_volume(generator, exm, out, **KW)
     assert (result.blocks_done, result.blocks_skipped) == (0, n_blocks())
+    assert result.first_batch_s is None and "first batch" not in result.summary()  # no batch ran
     assert zarr.open_group(str(out), mode="r").attrs["exem"]["complete"] is True
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from exem.clock import process_age_s
 from exem.data.grid import AXIS_NAMES
 from exem.inference.batching import probe_batch_size
 from exem.inference.blend import ZStreamBlender
@@ -159,6 +160,8 @@ class BlockRun:
             # Always call the network with the same batch size (repeat the last patch): a patch's output then does
             # not depend on which other patches share its batch, i.e. on the block split.
             batch[len(chunk) :] = batch[len(chunk) - 1]
+            if p.first_batch_age_s is None:  # the run's start-up ends here (exem-translate's summary)
+                p.first_batch_age_s = process_age_s()
             with autocast:
                 out = p.net(batch.unsqueeze(1))
             for j, start in enumerate(chunk):

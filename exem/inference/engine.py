@@ -163,6 +163,8 @@ class BlockPredictor(L.LightningModule):
         # where it spares the writer thread; on the CPU the writer thread does it, next to the compute
         self.device_levels: bool | None = None
         self._run: BlockRun | None = None  # the block whose context parts are arriving (predict_step)
+        # seconds from this process's start to its first network call (exem.clock.process_age_s; set by BlockRun)
+        self.first_batch_age_s: float | None = None
 
     def configure_model(self) -> None:
         """Lightning hook (once per run, on every rank): compile the network when asked (idempotent)."""
@@ -287,6 +289,8 @@ class BlockwiseResult:
         voxels_done: output voxels of those blocks.
         seconds: wall time of the run.
         global_rank, world_size: of this process.
+        first_batch_age_s: seconds from this process's start to its first network call (None: it computed no block,
+            or the platform does not tell the process's start).
     """
 
     plan: BlockPlan
@@ -297,6 +301,7 @@ class BlockwiseResult:
     seconds: float
     global_rank: int
     world_size: int
+    first_batch_age_s: float | None = None
 
 
 def default_trainer(**overrides: Any) -> L.Trainer:
@@ -520,4 +525,5 @@ def run_blockwise(
         seconds=time.perf_counter() - t0,
         global_rank=int(trainer.global_rank),
         world_size=int(trainer.world_size),
+        first_batch_age_s=predictor.first_batch_age_s,
     )

@@ -83,6 +83,8 @@ class TranslateResult:
         resampled: ``None``, or the scale the output was written at after resampling: ``"input"`` (patches
             resampled to the model's voxel size and back) or ``"model"`` (the input read at the model's size).
         already_complete: the output was complete with these settings (``complete_ok``); nothing was computed.
+        first_batch_s: seconds from the process's start (the command's, for ``exem-translate``) to the first
+            network call; None when nothing was computed or the platform does not tell (see ``exem.clock``).
     """
 
     output: Path
@@ -95,12 +97,14 @@ class TranslateResult:
     voxel_size_nm: tuple[float, float, float] | None = None
     resampled: str | None = None
     already_complete: bool = False
+    first_batch_s: float | None = None
 
     def summary(self, prog: str = "translate") -> str:
         """One line (two when resampled) as ``exem-translate`` prints them."""
         z, y, x = self.shape
+        first = "" if self.first_batch_s is None else f", first batch {self.first_batch_s:.1f} s after start"
         line = (
-            f"{prog}: {z}×{y}×{x} voxels in {self.seconds:.1f} s ({self.mvox_per_s:.2f} Mvox/s), "
+            f"{prog}: {z}×{y}×{x} voxels in {self.seconds:.1f} s ({self.mvox_per_s:.2f} Mvox/s{first}), "
             f"{self.blocks_done} blocks computed, {self.blocks_skipped} resumed → {self.output}"
         )
         if self.resampled:
@@ -345,6 +349,7 @@ def translate_volume(
     )
     rank = trainer.global_rank if trainer is not None else 0
     blocks_done, blocks_skipped, voxels = 0, len(plan.blocks), 0
+    first_batch: float | None = None
     if action != "complete":
         from exem import __version__
 
@@ -389,7 +394,7 @@ def translate_volume(
             compile=compile_wanted(compile, plan.voxels, trainer),
         )
         blocks_done, blocks_skipped = result.blocks_done, result.blocks_skipped
-        voxels, rank = result.voxels_done, result.global_rank
+        voxels, rank, first_batch = result.voxels_done, result.global_rank, result.first_batch_age_s
     if companions and rank == 0 and not (read_record(out) or {}).get("channels_written"):
         write_companions(source, companions, plan, out, model_nm if resampled == "model" else None)
         update_record(out, channels_written=True)
@@ -415,4 +420,5 @@ def translate_volume(
         voxel_size_nm=None if job.volume.voxel_size_nm is None else job.voxel_size_nm,
         resampled=resampled,
         already_complete=action == "complete",
+        first_batch_s=first_batch,
     )
