@@ -20,9 +20,15 @@ def test_process_age_grows_with_the_process() -> None:
     assert second is not None and 0.2 <= second - first <= 5.0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
 def test_process_age_is_none_without_proc(monkeypatch) -> None:
     def no_proc(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise FileNotFoundError("/proc/self/stat")
 
     monkeypatch.setattr("builtins.open", no_proc)
+    assert process_age_s() is None
+
+
+def test_process_age_is_none_without_a_boot_time_clock(monkeypatch) -> None:
+    monkeypatch.delattr(time, "CLOCK_BOOTTIME", raising=False)
     assert process_age_s() is None
