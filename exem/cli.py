@@ -121,7 +121,7 @@ def translate_main(cfg: DictConfig) -> None:
     translate = hydra.utils.instantiate(cfg.translate)
     result = translate(generator, cfg.input, cfg.output, trainer=trainer, complete_ok=bool(cfg.uncertainty))
     if trainer.is_global_zero:
-        print(result.summary("exem-translate"))
+        print(result.summary("exem-translate", first_batch=True))
     if cfg.uncertainty:
         where = cfg.uncertainty_output or default_uncertainty_path(result.output)
         options = {k: v for k, v in translate.keywords.items() if k != "dtype"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,10 @@ def test_translate_cli_writes_pyramid_and_refuses_to_clobber(setup: dict[str, Pa
     proc = run_cli("exem-translate", *_args(setup, out), cwd=setup["tmp"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exem-translate: 12×80×96 voxels" in proc.stdout and "Mvox/s" in proc.stdout
+    first = re.search(
+        r"first batch ([0-9.]+) s after start", proc.stdout
+    )  # the command's start-up (issue 13)
+    assert first is not None and 0 < float(first.group(1)) < 120
     group = zarr.open_group(str(out), mode="r")
     assert group["0"].shape == (12, 80, 96) and group["0"].dtype == np.uint8
     assert group["1"].shape == (12, 40, 48)

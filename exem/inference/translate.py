@@ -99,10 +99,14 @@ class TranslateResult:
     already_complete: bool = False
     first_batch_s: float | None = None
 
-    def summary(self, prog: str = "translate") -> str:
-        """One line (two when resampled) as ``exem-translate`` prints them."""
+    def summary(self, prog: str = "translate", first_batch: bool = False) -> str:
+        """One line (two when resampled) as ``exem-translate`` prints them. ``first_batch``: add when the first batch
+        ran after the process's start (for a command, whose process is the run; not for a napari or notebook
+        session, which started long before)."""
         z, y, x = self.shape
-        first = "" if self.first_batch_s is None else f", first batch {self.first_batch_s:.1f} s after start"
+        first = ""
+        if first_batch and self.first_batch_s is not None:
+            first = f", first batch {self.first_batch_s:.1f} s after start"
         line = (
             f"{prog}: {z}×{y}×{x} voxels in {self.seconds:.1f} s ({self.mvox_per_s:.2f} Mvox/s{first}), "
             f"{self.blocks_done} blocks computed, {self.blocks_skipped} resumed → {self.output}"
