@@ -159,12 +159,9 @@ class BlockDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, int, Tensor]:
         index, z0, z1 = self.items[i]
         block = self.plan.blocks[index]
-        origin = self.plan.origin
-        sl = tuple(
-            slice(o + a, o + b)
-            for o, a, b in zip(origin, block.context_start, block.context_stop, strict=True)
-        )
-        sl = (slice(sl[0].start + z0, sl[0].start + z1), *sl[1:])
+        start = (block.context_start[0] + z0, *block.context_start[1:])
+        stop = (block.context_start[0] + z1, *block.context_stop[1:])
+        sl = tuple(slice(o + a, o + b) for o, a, b in zip(self.plan.origin, start, stop, strict=True))
         return index, z0, raw_tensor(self.volume.read(sl))  # type: ignore[arg-type]
 
 
