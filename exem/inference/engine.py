@@ -195,18 +195,14 @@ class BlockPredictor(L.LightningModule):
         if out is None:
             out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
         # steps that cannot change a value are skipped (x − 0 = x, x · 1 = x, and no clip when every value the
-        # dtype can hold already maps into [0, 1]); where the op's own promotion computes in float32 (integer or
-        # float32 input: each value is converted to float32 first, the scalar is float32), the conversion is fused
-        # into the first step: the same bits, fewer passes over the patch
-        steps = [(torch.sub, self._lo)] if self._lo != 0.0 else []
-        steps += [(torch.mul, self._scale)] if self._scale != 1.0 else []
-        if steps and torch.result_type(raw, steps[0][1]) == torch.float32:
-            (op, value), steps = steps[0], steps[1:]
-            op(raw, value, out=out)
-        else:
-            out.copy_(raw)
-        for op, value in steps:
-            op(out, value, out=out)
+        # dtype can hold already maps into [0, 1]); the conversion is a copy into ``out`` and the steps run in place:
+        # fusing the conversion into the first step (``torch.mul(raw, s, out=out)``) makes the CPU cast ``raw`` into a
+        # temporary first, 25 % slower here (same bits)
+        out.copy_(raw)
+        if self._lo != 0.0:
+            out.sub_(self._lo)
+        if self._scale != 1.0:
+            out.mul_(self._scale)
         return out if self._maps_into_unit(raw.dtype) else out.clamp_(0.0, 1.0)
 
     def _maps_into_unit(self, dtype: torch.dtype) -> bool:
