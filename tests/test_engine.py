@@ -311,6 +311,28 @@ def test_writer_error_reaches_the_caller(net, raw, tmp_path, monkeypatch, write_
     assert not (out / DONE_DIR).exists()
 
 
+def test_a_lower_level_write_error_reaches_the_caller(net, raw, tmp_path, monkeypatch) -> None:
+    """Levels 1, 2, … are written by a helper thread while level 0 is: its error ends the run, no block is marked."""
+
+    def broken(self, block, z0, data, lower_levels):
+        raise OSError("level 1: disk full")
+
+    monkeypatch.setattr(BlockWriter, "_write_lower_levels", broken)
+    out = tmp_path / "broken1.zarr"
+    with pytest.raises(OSError, match="level 1: disk full"):
+        run(net, raw, out, dtype="uint8", levels=2, block_shape=(8, 32, 32))
+    assert not (out / DONE_DIR).exists()
+
+
+def test_three_levels_each_the_mean_of_the_one_above(net, raw, tmp_path) -> None:
+    """The helper thread chains the levels: level 2 is downsampled from level 1, not from level 0."""
+    level0 = run(net, raw, tmp_path / "l3.zarr", dtype="uint8", levels=3, chunks=(4, 16, 16))
+    group = zarr.open_group(str(tmp_path / "l3.zarr"), mode="r")
+    level1 = downsample_inplane(level0)
+    np.testing.assert_array_equal(group["1"][...], level1)
+    np.testing.assert_array_equal(group["2"][...], downsample_inplane(level1))
+
+
 def test_block_ids_are_unique_across_plans() -> None:
     a = plan_blocks(SHAPE, PATCH, OVERLAP, block_shape=(8, 32, 32), chunks=(4, 16, 16))
     b = plan_blocks(SHAPE, PATCH, OVERLAP, block_shape=(4, 64, 16), chunks=(4, 16, 16))
