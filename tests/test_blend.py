@@ -35,6 +35,20 @@ def test_window_formula_matches_numpy() -> None:
     np.testing.assert_allclose(gaussian_window(patch, sigma).numpy(), np.maximum(ref, 1e-4), rtol=1e-6)
 
 
+@pytest.mark.parametrize("patch", [(16, 256, 256), (5, 7, 9), (1, 64, 64), (12, 131, 96), (2, 2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mirrored_window_equals_the_direct_formula(patch, dtype) -> None:
+    """The window is computed on half of each mirror-symmetric axis and mirrored: bit for bit the direct formula."""
+    sigma, floor = 0.5, 1e-4
+    axes = [
+        torch.linspace(-1.0, 1.0, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+        for n in patch
+    ]
+    r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+    direct = torch.exp(-r2 / (2.0 * sigma**2)).clamp_min_(floor).to(dtype)
+    assert torch.equal(gaussian_window(patch, sigma, floor, dtype=dtype), direct)
+
+
 def test_window_single_slice_patch() -> None:
     w = gaussian_window((1, 5, 5), sigma=0.5, dtype=torch.float64)
     assert w.shape == (1, 5, 5) and w.dtype == torch.float64
