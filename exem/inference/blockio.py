@@ -32,9 +32,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from exem.checks import fmt_voxels
-from exem.data.ome import downsample_inplane
 from exem.data.volume import Volume
 from exem.inference.plan import Block, BlockPlan
+from exem.inference.pyramid import downsample_block
 from exem.progress import progress_bar
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "BlockWriter",
     "check_output_levels",
     "done_blocks",
-    "downsample_block",
     "open_levels",
     "raw_tensor",
     "touch_atomic",
@@ -289,20 +288,6 @@ class BlockDataModule(L.LightningDataModule):
 # writing
 
 
-# Z slices downsampled at a time (bounds the float64 temporaries of downsample_inplane).
-_DOWNSAMPLE_SLAB = 8
-
-
-def downsample_block(data: np.ndarray) -> np.ndarray:
-    """2× in-plane mean of a ``(C, Z, Y, X)`` block: :func:`downsample_inplane` per channel, a few Z at a time."""
-    c, z, y, x = data.shape
-    out = np.empty((c, z, -(-y // 2), -(-x // 2)), dtype=data.dtype)
-    for ci in range(c):
-        for z0 in range(0, z, _DOWNSAMPLE_SLAB):
-            out[ci, z0 : z0 + _DOWNSAMPLE_SLAB] = downsample_inplane(data[ci, z0 : z0 + _DOWNSAMPLE_SLAB])
-    return out
-
-
 class BlockWriter(BasePredictionWriter):
     """Writes computed blocks (and their pyramid levels) on a background thread, then marks them done.
 
@@ -536,7 +521,7 @@ class BlockWriter(BasePredictionWriter):
     ) -> None:
         """Write rows ``[z0, z0 + dz)`` of block ``index`` (``(C, dz, by, bx)`` or ``(dz, by, bx)`` data) to every
         level: level l is ``lower_levels[l − 1]`` when given (computed on the device), else the 2× in-plane mean of
-        level l−1 (:func:`downsample_block`)."""
+        level l−1 (:func:`~exem.inference.pyramid.downsample_block`)."""
         block = self.plan.blocks[index]
         if data.ndim == 3:
             data = data[None]

@@ -1,4 +1,4 @@
-"""Pyramid levels computed where the data are: the 2× in-plane mean of a block's rows on its device.
+"""Pyramid levels computed where the data are: the 2× in-plane mean of a block's rows on its device, or on the host.
 
 :func:`downsample_rows` gives exactly what :func:`exem.data.ome.downsample_inplane` gives on the host (integers:
 the 2×2 sum in a wider type, rounded half to even with shifts; floats: ``(a + b + c + d) · 0.25`` in float32, or
@@ -7,10 +7,16 @@ float64 for float16 and float64), so a level computed on a GPU equals one comput
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["downsample_rows"]
+from exem.data.ome import downsample_inplane
+
+__all__ = ["downsample_block", "downsample_rows"]
+
+# Z slices downsampled at a time on the host (bounds the temporaries of downsample_inplane).
+_DOWNSAMPLE_SLAB = 8
 
 _WIDER = {1: torch.int16, 2: torch.int32, 4: torch.int64, 8: torch.int64}
 
@@ -39,3 +45,14 @@ def downsample_rows(rows: Tensor) -> Tensor:
     for c in corners[1:]:
         total += c.to(work)
     return total.mul_(0.25).to(rows.dtype)
+
+
+def downsample_block(data: np.ndarray) -> np.ndarray:
+    """2× in-plane mean of a ``(C, Z, Y, X)`` block on the host: :func:`downsample_inplane` per channel, a few Z at
+    a time."""
+    c, z, y, x = data.shape
+    out = np.empty((c, z, -(-y // 2), -(-x // 2)), dtype=data.dtype)
+    for ci in range(c):
+        for z0 in range(0, z, _DOWNSAMPLE_SLAB):
+            out[ci, z0 : z0 + _DOWNSAMPLE_SLAB] = downsample_inplane(data[ci, z0 : z0 + _DOWNSAMPLE_SLAB])
+    return out
