@@ -342,6 +342,7 @@ class BlockWriter(BasePredictionWriter):
         # chunk rows held until they make a whole shard row: block index → [(z0, levels)]
         self._rows: dict[int, list[tuple[int, list[np.ndarray]]]] = {}
         self._levels_pool: ThreadPoolExecutor | None = None
+        self._levels_lock = threading.Lock()  # writer threads may ask for the pool at once
         self._bar: Any = None
         self._task: Any = None
         self._t0 = 0.0
@@ -572,9 +573,10 @@ class BlockWriter(BasePredictionWriter):
 
     def _downsampler(self) -> ThreadPoolExecutor:
         """The threads computing and writing the lower pyramid levels (one per writer thread)."""
-        if self._levels_pool is None:
-            self._levels_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="exem-levels")
-        return self._levels_pool
+        with self._levels_lock:
+            if self._levels_pool is None:
+                self._levels_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="exem-levels")
+            return self._levels_pool
 
     def finish_block(self, index: int) -> None:
         """Create block ``index``'s done-markers (every level; its data were written before) and count it."""
