@@ -324,6 +324,17 @@ def test_a_lower_level_write_error_reaches_the_caller(net, raw, tmp_path, monkey
     assert not (out / DONE_DIR).exists()
 
 
+def test_a_level_0_write_error_is_the_one_reported(net, raw, tmp_path, monkeypatch) -> None:
+    """When level 0 and the helper's levels both fail, the caller sees level 0's error (after the helper ended)."""
+
+    def broken(self, lvl, block, z0, level_data):
+        raise OSError(f"level {lvl}: disk full")
+
+    monkeypatch.setattr(BlockWriter, "_write_level", broken)
+    with pytest.raises(OSError, match="level 0: disk full"):
+        run(net, raw, tmp_path / "broken0.zarr", dtype="uint8", levels=2, block_shape=(8, 32, 32))
+
+
 def test_three_levels_each_the_mean_of_the_one_above(net, raw, tmp_path) -> None:
     """The helper thread chains the levels: level 2 is downsampled from level 1, not from level 0."""
     level0 = run(net, raw, tmp_path / "l3.zarr", dtype="uint8", levels=3, chunks=(4, 16, 16))

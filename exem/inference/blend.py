@@ -52,7 +52,7 @@ def gaussian_window(
         for n in sizes
     ]
     # along an axis whose coordinates are exact mirror images (linspace's are for even sizes) the bump is computed up
-    # to the middle and mirrored: the same values from an eighth of the exps (16×256×256: 10 ms → 2 ms per run)
+    # to the middle and mirrored: the same values from an eighth of the exps (16×256×256: 10 → 3 ms per run)
     halves = [a[: (len(a) + 1) // 2] if torch.equal(a, -a.flip(0)) else a for a in axes]
     r2 = halves[0][:, None, None] ** 2 + halves[1][None, :, None] ** 2 + halves[2][None, None, :] ** 2
     w = torch.exp(-r2 / (2.0 * float(sigma) ** 2)).clamp_min_(float(floor))

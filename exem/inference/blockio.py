@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -293,12 +293,10 @@ class BlockWriter(BasePredictionWriter):
 
     A block arrives whole (``write_on_batch_end`` with its data) or chunk row by chunk row while it is computed
     (:meth:`put_slab`, then ``write_on_batch_end`` with None). Each piece is written to level 0 and to level l = the
-    2× in-plane mean (:func:`~exem.data.ome.downsample_inplane`, rounded half to even for integers) of level l−1
-    (levels 1, 2, … are computed and written by a helper thread while level 0 is written: 30 % less time for the
-    pyramid of a 32×1024×1024 uint8 row on 2 cores, 70 vs 96 ms); once all of a block's data calls have returned,
-    its markers ``<output>/.exem_done/<level>/<block-id>`` are created, atomically. A killed run thus leaves for
-    every block either all of its data and markers, or possibly partial data and missing markers (a rerun computes
-    that block again).
+    2× in-plane mean (:func:`~exem.data.ome.downsample_inplane`, rounded half to even for integers) of level l−1,
+    by a helper thread while level 0 is written; once all of a block's data calls have returned, its markers
+    ``<output>/.exem_done/<level>/<block-id>`` are created, atomically. A killed run thus leaves for every block
+    either all of its data and markers, or possibly partial data and missing markers (a rerun computes it again).
 
     A bounded queue (``queue_size`` items) lets writes overlap compute. The first write error is re-raised in the
     main thread (at the next item, or at the end of ``predict``).
@@ -540,9 +538,12 @@ class BlockWriter(BasePredictionWriter):
         )
         try:
             self._write_level(0, block, z0, data)
-        finally:
+        except BaseException:
             if lower is not None:
-                lower.result()
+                wait([lower])  # its own error, if any, would hide this one
+            raise
+        if lower is not None:
+            lower.result()
 
     def _write_lower_levels(
         self, block: Block, z0: int, data: np.ndarray, lower_levels: Sequence[np.ndarray]
