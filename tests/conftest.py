@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 BIN = Path(sys.executable).parent
 # Qt without a screen for the napari plugin's tests (napari's pytest plugin imports Qt for every test).
@@ -80,3 +81,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    """A small seeded U-Net (widths 4, 8, 16) in eval mode: the network of the engine's tests."""
+    from exem.models.unet import AnisotropicUNet3D
+
+    torch.manual_seed(0)
+    return AnisotropicUNet3D(widths=(4, 8, 16)).eval()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from torch import nn
 
@@ -17,18 +16,11 @@ from exem.inference.blockio import BlockDataset, raw_tensor
 from exem.inference.blockrun import BlockRun
 from exem.inference.engine import run_blockwise
 from exem.inference.plan import plan_blocks
-from exem.models.unet import AnisotropicUNet3D
 
 SHAPE = (20, 96, 80)
 PATCH = (8, 32, 32)
 OVERLAP = (4, 16, 16)
 CHUNK_Z = 8  # the input's Z chunk
-
-
-@pytest.fixture(scope="module")
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return AnisotropicUNet3D(widths=(4, 8, 16)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from exem.inference.blend import ZStreamBlender
 from exem.inference.blockio import DONE_DIR, BlockWriter, done_blocks, raw_tensor
 from exem.inference.engine import run_blockwise
 from exem.inference.plan import plan_blocks, resolve_region
-from exem.models.unet import AnisotropicUNet3D
 
 SHAPE = (20, 96, 80)
 PATCH = (8, 32, 32)
@@ -28,12 +27,6 @@ SIGMA = 0.5
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return AnisotropicUNet3D(widths=(4, 8, 16)).eval()
 
 
 @pytest.fixture(scope="module")
