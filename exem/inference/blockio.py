@@ -532,7 +532,7 @@ class BlockWriter(BasePredictionWriter):
         # levels 1, 2, … (each downsampled from the one above it) are computed and written by a helper thread while
         # this one writes level 0 (numpy and zarr's codecs release the GIL)
         lower = (
-            self._downsampler().submit(self._write_lower_levels, block, z0, data, lower_levels)
+            self._lower_levels_pool().submit(self._write_lower_levels, block, z0, data, lower_levels)
             if len(self._arrays) > 1
             else None
         )
@@ -572,7 +572,7 @@ class BlockWriter(BasePredictionWriter):
         else:  # the network's channels are the image's first ones (a caller may write the others)
             arr[(slice(0, level_data.shape[0]), *sl)] = level_data
 
-    def _downsampler(self) -> ThreadPoolExecutor:
+    def _lower_levels_pool(self) -> ThreadPoolExecutor:
         """The threads computing and writing the lower pyramid levels (one per writer thread)."""
         with self._levels_lock:
             if self._levels_pool is None:
