@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from exem.data.grid import PatchGrid
-from exem.inference.blend import BlendAccumulator, WindowCache, ZStreamBlender, gaussian_window, halo_gap
+from exem.inference.blend import (
+    BlendAccumulator,
+    WindowCache,
+    WindowSums,
+    ZStreamBlender,
+    gaussian_window,
+    halo_gap,
+)
 
 
 @pytest.mark.parametrize("sigma", [0.5, 0.3, 0.2])
@@ -114,13 +121,18 @@ def test_accumulator_ignores_patches_outside_and_detects_gaps() -> None:
         ((1, 30, 30), (1, 16, 16), (0, 6, 6), None),
     ],
 )
-def test_zstream_equals_full_accumulator(shape, patch, overlap, box) -> None:
-    """Streaming along Z gives bit-identical values to the whole-box accumulator, in ordered, covering slabs."""
+@pytest.mark.parametrize("window_sums", [False, True])
+def test_zstream_equals_full_accumulator(shape, patch, overlap, box, window_sums: bool) -> None:
+    """Streaming along Z gives bit-identical values to the whole-box accumulator, in ordered, covering slabs,
+    with the weights summed patch by patch or divided by the box's WindowSums."""
     grid = PatchGrid(shape, patch, overlap)
     start, bshape = box if box is not None else ((0, 0, 0), shape)
     window = gaussian_window(patch, 0.5)
     full = BlendAccumulator(start, bshape, window)
-    stream = ZStreamBlender(start, bshape, window)
+    sums = None
+    if window_sums:
+        sums = WindowSums(WindowCache(grid), start, bshape, _starts_over(grid, start, bshape), "cpu")
+    stream = ZStreamBlender(start, bshape, window, window_sums=sums)
     gen = torch.Generator().manual_seed(0)
     slabs = []
     for s in grid:
@@ -134,8 +146,66 @@ def test_zstream_equals_full_accumulator(shape, patch, overlap, box) -> None:
         z += values.shape[1]
     assert z == bshape[0]
     assert torch.equal(torch.cat([v for _, v in slabs], dim=1), full.result())
-    # memory: the stream never holds more than one patch depth of Z slices
-    assert stream._acc is None or stream._acc.weight.shape[0] <= patch[0]
+    # memory: the stream never holds more than one patch depth of Z slices (and no weights with window sums)
+    assert stream._sums is not None and stream._sums.shape[1] <= patch[0]
+    assert (stream._weight is None) == window_sums
+
+
+def _starts_over(grid: PatchGrid, start, shape) -> list[list[int]]:
+    """Per axis, the grid starts of the patches over the box (as Block.patch_starts)."""
+    return [
+        [s for s in grid.starts[ax] if s < start[ax] + shape[ax] and s + grid.patch[ax] > start[ax]]
+        for ax in range(3)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap", "halo", "box", "sigma"),
+    [
+        ((32, 1024, 1024), (16, 256, 256), (4, 64, 64), (0, 0, 0), None, 0.5),  # the CPU ceiling benchmark's
+        ((10, 40, 33), (4, 16, 16), (2, 8, 8), (0, 0, 0), None, 0.5),
+        ((13, 20, 20), (5, 8, 8), (4, 2, 2), (0, 0, 0), None, 0.1),  # stride 1 in Z; the floor is reached
+        ((12, 50, 40), (5, 16, 16), (3, 10, 2), (0, 0, 0), ((2, 10, 7), (6, 25, 20)), 0.5),
+        ((1, 30, 30), (1, 16, 16), (0, 6, 6), (0, 0, 0), None, 0.5),
+        ((13, 37, 41), (8, 16, 16), (2, 4, 6), (1, 1, 1), None, 0.5),
+        ((13, 37, 41), (8, 16, 16), (4, 4, 6), (2, 2, 3), ((3, 5, 6), (7, 20, 30)), 0.3),
+    ],
+)
+def test_window_sums_divide_as_the_patch_by_patch_weights(shape, patch, overlap, halo, box, sigma) -> None:
+    """Dividing by WindowSums gives the bits of dividing by the weights summed patch by patch (with halos, boxes
+    inside the region, and a floor-clamped window), from far fewer sums than voxels."""
+    grid = PatchGrid(shape, patch, overlap)
+    windows = WindowCache(grid, sigma=sigma, halo=halo)
+    start, bshape = box if box is not None else ((0, 0, 0), shape)
+    acc = BlendAccumulator(start, bshape, windows.get("cpu"))
+    starts = _starts_over(grid, start, bshape)
+    for s in itertools.product(*starts):
+        acc.add(torch.zeros(1, *patch), s, windows.get("cpu", s))
+    sums = WindowSums(windows, start, bshape, starts, "cpu")
+    values = torch.rand((2, *bshape), generator=torch.Generator().manual_seed(1)) * 5.0
+    expected = values / acc.weight
+    got = values.clone()
+    assert sums.divide_(got) is got
+    assert torch.equal(got, expected)
+    # in Z parts, as ZStreamBlender releases them
+    parts = values.clone()
+    cuts = [0, *sorted({1, bshape[0] // 2}), bshape[0]]
+    for z0, z1 in itertools.pairwise(cuts):
+        if z1 > z0:
+            sums.divide_(parts[:, z0:z1], z0)
+    assert torch.equal(parts, expected)
+    if bshape[1] >= 256:
+        assert sums.sums.numel() * 8 < math.prod(bshape)
+
+
+def test_window_sums_reject_a_voxel_no_patch_weighs() -> None:
+    grid = PatchGrid((8, 40, 40), (8, 16, 16), (0, 4, 4))
+    with pytest.raises(RuntimeError, match="covered by no patch"):
+        WindowSums(WindowCache(grid), (0, 0, 0), (8, 40, 40), [[0], [0, 24], [0, 12, 24]], "cpu")
+    stream_box = ((0, 0, 0), (8, 40, 40))
+    sums = WindowSums(WindowCache(grid), *stream_box, grid.starts, "cpu")
+    with pytest.raises(ValueError, match="window sums of box"):
+        ZStreamBlender((0, 0, 0), (8, 40, 32), gaussian_window((8, 16, 16)), window_sums=sums)
 
 
 def test_zstream_rejects_unordered_rows_and_gaps() -> None:

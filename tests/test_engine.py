@@ -14,7 +14,7 @@ from torch import nn
 from exem.data.grid import PatchGrid
 from exem.data.ome import create_ome_zarr, downsample_inplane
 from exem.data.volume import normalize, open_volume
-from exem.inference import engine
+from exem.inference import blockrun, engine
 from exem.inference.blend import ZStreamBlender
 from exem.inference.blockio import DONE_DIR, BlockWriter, done_blocks, raw_tensor
 from exem.inference.engine import run_blockwise
@@ -190,6 +190,23 @@ def test_engine_equals_published_stitching(net, raw, tmp_path) -> None:
     # uint8 = clip(round(255·float32)), computed on the device
     u8 = run(net, raw, tmp_path / "u8.zarr", dtype="uint8", block_shape=(4, 48, 48))
     np.testing.assert_array_equal(u8, np.clip(np.round(255 * one), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "block_shape", "halo"), [("float32", (8, 32, 32), (0, 0, 0)), ("uint8", None, (1, 2, 2))]
+)
+def test_window_sums_change_no_bit_of_the_output(
+    net, raw, tmp_path, monkeypatch, dtype, block_shape, halo
+) -> None:
+    """Dividing by the blocks' WindowSums instead of weights summed patch by patch: the same float32 and uint8
+    output, bit for bit, on many blocks and on one (with a halo)."""
+    kwargs = {"dtype": dtype, "block_shape": block_shape, "halo": halo}
+    fast = run(net, raw, tmp_path / "sums.zarr", **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(blockrun, "WindowSums", lambda *a, **k: None)  # ZStreamBlender sums the weights itself
+        slow = run(net, raw, tmp_path / "weights.zarr", **kwargs)
+    assert fast.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(fast, slow)
 
 
 def test_roi_equals_translating_the_cropped_volume(net, raw, tmp_path) -> None:

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exem.data.grid import PatchGrid
-from exem.inference.blend import BlendAccumulator, ZStreamBlender, gaussian_window
+from exem.inference.blend import BlendAccumulator, WindowCache, WindowSums, ZStreamBlender, gaussian_window
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -127,6 +127,37 @@ def test_identity_network_reproduces_any_volume(g, seed: int) -> None:
     np.testing.assert_allclose(out.numpy(), x.numpy(), rtol=1e-5, atol=1e-6)
     streamed = torch.cat([v for _, v in slabs], dim=1)[0]
     assert torch.equal(streamed, out)  # bit-identical to the whole-box accumulator
+
+
+@FAST
+@given(grids(max_size=24), st.data())
+def test_window_sums_equal_the_weights_summed_patch_by_patch(g, data) -> None:
+    """For any grid, box and halo the grid allows, dividing by WindowSums gives the bits of dividing by the
+    weights the patches add one by one (BlendAccumulator)."""
+    shape, patch, overlap = g
+    grid = PatchGrid(shape, patch, overlap)
+    halo = tuple(
+        data.draw(st.integers(0, max(0, o // 2)), label=f"halo {ax}") for ax, o in enumerate(overlap)
+    )
+    try:
+        windows = WindowCache(grid, halo=halo)
+    except ValueError:  # a halo this grid cannot honour (tested in test_blend)
+        windows = WindowCache(grid)
+    start = tuple(data.draw(st.integers(0, n - 1), label=f"box start {ax}") for ax, n in enumerate(shape))
+    box = tuple(
+        data.draw(st.integers(1, n - a), label=f"box size {ax}")
+        for ax, (a, n) in enumerate(zip(start, shape, strict=True))
+    )
+    starts = [
+        [s for s in grid.starts[ax] if s < start[ax] + box[ax] and s + patch[ax] > start[ax]]
+        for ax in range(3)
+    ]
+    acc = BlendAccumulator(start, box, windows.get("cpu"))
+    for s in grid:
+        acc.add(torch.zeros(1, *patch), s, windows.get("cpu", s))
+    values = torch.rand((1, *box), generator=torch.Generator().manual_seed(0))
+    expected = values / acc.weight
+    assert torch.equal(WindowSums(windows, start, box, starts, "cpu").divide_(values), expected)
 
 
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])

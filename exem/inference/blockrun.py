@@ -17,7 +17,7 @@ from torch import Tensor
 from exem.clock import process_age_s
 from exem.data.grid import AXIS_NAMES
 from exem.inference.batching import probe_batch_size
-from exem.inference.blend import ZStreamBlender
+from exem.inference.blend import WindowSums, ZStreamBlender
 from exem.inference.plan import Block
 from exem.inference.pyramid import downsample_rows
 
@@ -58,8 +58,9 @@ class BlockRun:
 
     Patches run through the network in batches of ``batch_size``, in the global grid's order. Each patch is
     normalised straight from the raw context into one reused batch buffer; the Gaussian blend is streamed along Z
-    (:class:`~exem.inference.blend.ZStreamBlender`, its buffers of one patch depth reused), and each finished slab
-    is checked and cast straight into the output. Apart from the output and the context, memory is allocated once
+    (:class:`~exem.inference.blend.ZStreamBlender`, its buffer of one patch depth reused) and divided by the
+    block's :class:`~exem.inference.blend.WindowSums` (no weight summed per patch), and each finished slab is
+    checked and cast straight into the output. Apart from the output and the context, memory is allocated once
     per block (fresh large tensors cost page faults on the CPU).
 
     Args:
@@ -91,8 +92,9 @@ class BlockRun:
         plan = predictor.plan
         self.chunk_z = plan.chunks[0] if plan.chunks is not None else block.shape[0]
         self.shipped = 0  # output rows handed to the sink
+        sums = WindowSums(predictor.windows, block.start, block.shape, block.patch_starts, self.device)
         self.blender = ZStreamBlender(
-            block.start, block.shape, predictor.window(self.device), consume=self._emit
+            block.start, block.shape, predictor.window(self.device), consume=self._emit, window_sums=sums
         )
         self.starts = list(block.patches())
         self.next = 0  # index into starts of the first patch not run yet
