@@ -34,6 +34,9 @@ DEFAULT_NGFF_VERSION = "0.5"
 ZARR_FORMATS = {"0.4": 2, "0.5": 3}
 # The chunk compressor of every array written: Blosc LZ4 level 5 with byte shuffle (zarr-python's v2 default).
 BLOSC = {"cname": "lz4", "clevel": 5}
+# Output voxels per step of downsample_inplane: its int16 temporaries (1 MiB) stay in a core's L2 cache. 32×1024×1024
+# uint8 on 2 cores: 32 → 20 ms (whole array at once: ~100 MB of temporaries through memory).
+DOWNSAMPLE_STEP_VOXELS = 1 << 19
 AXES = [
     {"name": "z", "type": "space", "unit": "nanometer"},
     {"name": "y", "type": "space", "unit": "nanometer"},
@@ -390,11 +393,21 @@ def downsample_inplane(array: np.ndarray) -> np.ndarray:
 
     Integers: the mean of each 2×2 square rounded half to even (``np.round``), computed exactly in integers (the
     sum in a wider type, then quotient and remainder by 4); floats: ``(a + b + c + d) · 0.25`` in the array's
-    precision (float64 for float16 input). Output dtype = input dtype; ``(Z, ⌈Y/2⌉, ⌈X/2⌉)``.
+    precision (float64 for float16 input). Output dtype = input dtype; ``(Z, ⌈Y/2⌉, ⌈X/2⌉)``. A few Z slices at a
+    time (:data:`DOWNSAMPLE_STEP_VOXELS`), so that the wide temporaries stay in a core's cache.
     """
     z, y, x = array.shape
     if y % 2 or x % 2:
         array = np.pad(array, ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")
+    out = np.empty((z, array.shape[1] // 2, array.shape[2] // 2), dtype=array.dtype)
+    step = max(1, DOWNSAMPLE_STEP_VOXELS // max(1, out.shape[1] * out.shape[2]))
+    for z0 in range(0, z, step):
+        out[z0 : z0 + step] = _mean_2x2(array[z0 : z0 + step])
+    return out
+
+
+def _mean_2x2(array: np.ndarray) -> np.ndarray:
+    """:func:`downsample_inplane` of an array with even Y and X."""
     corners = (array[:, 0::2, 0::2], array[:, 0::2, 1::2], array[:, 1::2, 0::2], array[:, 1::2, 1::2])
     if np.issubdtype(array.dtype, np.integer):
         wide = {1: np.int16, 2: np.int32}.get(array.dtype.itemsize, np.int64)
