@@ -521,12 +521,11 @@ class ZStreamBlender:
         if self.window_sums is not None:
             values = self._acc.acc[:, a:b] if self.consume else self._acc.acc[:, a:b].clone()
             self.window_sums.divide_(values, z0)
-            self._next = until
-            return [(z0, values)]
-        assert self._acc.weight is not None
-        weight = self._acc.weight[a:b]
-        if not bool(weight.amin() > 0):
-            raise RuntimeError("ZStreamBlender: some voxels of the box are covered by no patch")
-        values = self._acc.acc[:, a:b].div_(weight) if self.consume else self._acc.acc[:, a:b] / weight
+        else:
+            assert self._acc.weight is not None
+            weight = self._acc.weight[a:b]
+            if not bool(weight.amin() > 0):
+                raise RuntimeError("ZStreamBlender: some voxels of the box are covered by no patch")
+            values = self._acc.acc[:, a:b].div_(weight) if self.consume else self._acc.acc[:, a:b] / weight
         self._next = until
         return [(z0, values)]
