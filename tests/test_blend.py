@@ -264,3 +264,20 @@ def test_halo_needs_overlap_of_twice_the_halo() -> None:
         WindowCache(grid, halo=(0, 2, 2))
     assert halo_gap([0, 14, 24], 16, 40, 1) is None
     assert halo_gap([0, 16, 24], 16, 40, 1) == 15  # the last voxel of patch 0 and the first of patch 1
+
+
+def test_halo_windows_are_the_float64_window_with_zeroed_sides() -> None:
+    """Each border case's window: the bump computed in float64, its halo sides zeroed (kept on the region's border),
+    then cast to float32, bit for bit (the cache builds it in float32 directly)."""
+    grid = PatchGrid((8, 40, 40), (8, 16, 16), (0, 4, 6))
+    windows = WindowCache(grid, halo=(0, 2, 3))
+    for start in [(0, 0, 0), (0, 12, 10), (0, 24, 24), (0, 0, 24)]:
+        ref = gaussian_window(grid.patch, dtype=torch.float64)
+        for ax, (t, h) in enumerate(zip(start, (0, 2, 3), strict=True)):
+            p, n = grid.patch[ax], grid.shape[ax]
+            if h and t > 0:
+                ref.narrow(ax, 0, h).zero_()
+            if h and t + p < n:
+                ref.narrow(ax, p - h, h).zero_()
+        assert torch.equal(windows.get("cpu", start), ref.to(torch.float32)), start
+    assert torch.equal(windows.plain("cpu"), gaussian_window(grid.patch))
