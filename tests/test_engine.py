@@ -418,6 +418,23 @@ def test_fast_downsample_equals_the_float64_mean(dtype: str, shape, monkeypatch)
         np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), rtol=1e-6, atol=1e-7)
 
 
+def test_downsample_block_is_downsample_inplane_per_channel(monkeypatch) -> None:
+    """The writer's host levels: each channel of a (C, Z, Y, X) block downsampled into the result (odd edges, several
+    Z steps); ``out=`` writes into the given array and returns it."""
+    import exem.data.ome as ome
+    from exem.inference.pyramid import downsample_block
+
+    monkeypatch.setattr(ome, "DOWNSAMPLE_STEP_VOXELS", 2 * 9 * 4)  # two slices of the 9×4 output per step
+    a = np.random.default_rng(3).integers(0, 256, (2, 5, 17, 8), dtype=np.uint8)
+    got = downsample_block(a)
+    assert got.shape == (2, 5, 9, 4) and got.dtype == np.uint8
+    for c in range(2):
+        np.testing.assert_array_equal(got[c], _reference_downsample(a[c]))
+    out = np.full((5, 9, 4), 7, dtype=np.uint8)
+    assert downsample_inplane(a[1], out=out) is out
+    np.testing.assert_array_equal(out, got[1])
+
+
 def test_chunk_rows_go_to_the_sink_while_the_block_is_computed(net, raw) -> None:
     """With a sink, each chunk row of a block is handed over as soon as it is final, in order, covering the block
     once; the rows equal the block's result."""

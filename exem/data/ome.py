@@ -388,18 +388,20 @@ def write_ome_zarr(
     return Path(path)
 
 
-def downsample_inplane(array: np.ndarray) -> np.ndarray:
+def downsample_inplane(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """2× mean downsampling in Y and X of a ``(Z, Y, X)`` array (odd edges padded by edge replication).
 
     Integers: the mean of each 2×2 square rounded half to even (``np.round``), computed exactly in integers (the
     sum in a wider type, then quotient and remainder by 4); floats: ``(a + b + c + d) · 0.25`` in the array's
     precision (float64 for float16 input). Output dtype = input dtype; ``(Z, ⌈Y/2⌉, ⌈X/2⌉)``. A few Z slices at a
-    time (:data:`DOWNSAMPLE_STEP_VOXELS`), so that the wide temporaries stay in a core's cache.
+    time (:data:`DOWNSAMPLE_STEP_VOXELS`), so that the wide temporaries stay in a core's cache. ``out``: an array of
+    that shape and dtype to write into (e.g. one channel of a multi-channel level); else a new one.
     """
     z, y, x = array.shape
     if y % 2 or x % 2:
         array = np.pad(array, ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")
-    out = np.empty((z, array.shape[1] // 2, array.shape[2] // 2), dtype=array.dtype)
+    if out is None:
+        out = np.empty((z, array.shape[1] // 2, array.shape[2] // 2), dtype=array.dtype)
     step = max(1, DOWNSAMPLE_STEP_VOXELS // max(1, out.shape[1] * out.shape[2]))
     for z0 in range(0, z, step):
         out[z0 : z0 + step] = _mean_2x2(array[z0 : z0 + step])
