@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -31,6 +32,15 @@ DEMO_FAST = [
     "model.image_every_n_steps=1",
     "callbacks.progress_bar=null",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _thaw_frozen_objects() -> object:
+    """A command called in-process freezes every object alive (exem.startup.preload): hand them back to the
+    collector, so that what earlier tests left behind is still collected."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 def cli_env() -> dict[str, str]:
