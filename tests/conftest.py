@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,7 @@ DEMO_FAST = [
 
 
 @pytest.fixture(autouse=True)
-def _thaw_frozen_objects() -> object:
+def _thaw_frozen_objects() -> Iterator[None]:
     """A command called in-process freezes every object alive (exem.startup.preload): hand them back to the
     collector, so that what earlier tests left behind is still collected."""
     yield
