@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,8 @@ def test_output_is_an_ome_zarr_pyramid(reference) -> None:
     assert result.first_batch_s is not None and 0 < result.first_batch_s <= process_age_s()
     assert f"first batch {result.first_batch_s:.1f} s after start" in result.summary(first_batch=True)
     assert "first batch" not in result.summary()  # a napari or notebook session's age means nothing
+    assert "1 block computed, 0 resumed" in replace(result, blocks_done=1, blocks_skipped=0).summary()
+    assert "2 blocks computed, 1 resumed" in replace(result, blocks_done=2, blocks_skipped=1).summary()
 
 
 def test_default_overlap() -> None:

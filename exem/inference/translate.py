@@ -109,7 +109,8 @@ class TranslateResult:
             first = f", first batch {self.first_batch_s:.1f} s after start"
         line = (
             f"{prog}: {z}×{y}×{x} voxels in {self.seconds:.1f} s ({self.mvox_per_s:.2f} Mvox/s{first}), "
-            f"{self.blocks_done} blocks computed, {self.blocks_skipped} resumed → {self.output}"
+            f"{self.blocks_done} block{'' if self.blocks_done == 1 else 's'} computed, {self.blocks_skipped}"
+            f" resumed → {self.output}"
         )
         if self.resampled:
             nm = "×".join(f"{v:g}" for v in self.voxel_size_nm or ())
