@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,21 @@ DEMO_FAST = [
     "model.image_every_n_steps=1",
     "callbacks.progress_bar=null",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_basetemp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What exem puts in the system's temporary folder (napari outputs of in-memory layers, unpacked model
+    packages) goes under pytest's base folder, which pytest prunes, in this process and the CLIs it starts."""
+    folder = tmp_path_factory.mktemp("tempdir")
+    before, before_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(folder), str(folder)
+    yield
+    tempfile.tempdir = before
+    if before_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before_env
 
 
 @pytest.fixture(autouse=True)

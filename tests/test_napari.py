@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import inspect  # noqa: E402
+import tempfile  # noqa: E402
 from importlib import resources  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -203,6 +204,8 @@ def test_segment_widget_adds_probabilities_and_labels(make_napari_viewer, qtbot,
         assert labels._type_string == "labels" and prob._type_string == "image"
         np.testing.assert_allclose(labels.scale, VOXEL)
         assert widget.reports[-1].stage == "labels"
+    # the in-memory layer's output went to a new folder in the temporary folder (conftest: under pytest's basetemp)
+    assert len(list(Path(tempfile.gettempdir()).glob("exem-napari-*/memory_segmentation.zarr"))) == 1
     # the same probabilities whether exem read the file or the layer's copy of it
     a = np.asarray(viewer.layers["seg_file probabilities"].data[0])
     b = np.asarray(viewer.layers["memory_segmentation probabilities"].data[0])
