@@ -139,7 +139,7 @@ def test_translate_and_training_data_take_the_pan_protein_channel(
 
 
 def test_translation_writes_the_other_channels_beside_the_virtual_em(
-    tmp_path: Path, two_channels: np.ndarray
+    tmp_path: Path, two_channels: np.ndarray, caplog: pytest.LogCaptureFixture
 ) -> None:
     from exem.data.ome import ome_attributes
     from exem.inference.output import read_record, update_record
@@ -177,6 +177,12 @@ def test_translation_writes_the_other_channels_beside_the_virtual_em(
         "virtual_em",
         "antibody",
     )
+    # the virtual EM opens with its own uint8 range, not the store's uint16 one (no "data use only 0.4 %" warning)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="exem.data.volume"):
+        assert open_volume(out, channel="virtual_em").intensity_range == (0.0, 255.0)
+    assert "normalised patches will be dark" not in caplog.text
+    assert reopened.intensity_range == (0.0, 65535.0)  # the antibody: its store's (and input's) dtype
 
     # killed after the virtual EM, before the antibody: the rerun writes the antibody (and only that)
     zarr.open_group(str(out), mode="r+")["0"][1] = 0
@@ -243,11 +249,14 @@ def test_other_channels_follow_the_translation_onto_the_models_grid(
     assert np.allclose(level0[1], expected)
     assert open_volume(out, channel="antibody", intensity_range=(0, 4000)).voxel_size_nm == (40.0, 20.0, 20.0)
 
-    # the uint8 virtual EM in that float32 store still reads 0…255 (its recorded range, taken before opening)
+    # the uint8 virtual EM in that float32 store reads 0…255 (its recorded range), not as floats outside [0, 1]
     from exem.analysis.segment import segment_volume
-    from exem.inference.companions import virtual_em_range
 
-    assert virtual_em_range(out) == (0.0, 255.0) and virtual_em_range(out, "antibody") is None
+    for channel in (0, "virtual_em"):
+        assert open_volume(out, channel=channel).intensity_range == (0.0, 255.0)
+    assert open_volume(out, channel=0, intensity_range=(0, 1000)).intensity_range == (0.0, 1000.0)  # as asked
+    with pytest.raises(VolumeError, match="float data outside"):  # the antibody has no recorded range
+        open_volume(out, channel="antibody")
     model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), torch.nn.Sigmoid()).eval()
     seg = segment_volume(model, out, tmp_path / "seg", patch=(4, 16, 16), dtype="float32", progress=False)
     assert seg.shape == (6, 16, 16)

@@ -54,9 +54,9 @@ from exem.analysis.em_models import (
 from exem.analysis.instances import CONNECTIVITY, check_watershed_size, label_components, seeded_watershed
 from exem.bioimageio.processing import reproduce_or_fail
 from exem.checks import one_of, triple
+from exem.data.channels import VIRTUAL_EM_CHANNEL
 from exem.data.ome import create_group, is_group, ngff_version_of, write_image_label
 from exem.data.volume import Volume
-from exem.inference.companions import VIRTUAL_EM_CHANNEL, virtual_em_range
 from exem.inference.engine import run_blockwise
 from exem.inference.job import open_input, plan_job
 from exem.inference.output import (
@@ -323,9 +323,7 @@ def segment_volume(
             raise ValueError(
                 f"check=true needs a bioimage.io package (with test tensors); {segmenter.source} is not one"
             )
-        given = opts["normalize"] is not None or opts["percentiles"] is not None
-        own = None if given else virtual_em_range(input, input_channel)  # a multi-channel translation's range
-        volume = open_input(input, input_level, own or opts["normalize"], opts["percentiles"], *in_channel)
+        volume = open_input(input, input_level, opts["normalize"], opts["percentiles"], *in_channel)
     else:
         if opts["normalize"] is not None or opts["percentiles"] is not None:
             raise ValueError(

@@ -10,7 +10,7 @@ declares the axis). Used by :func:`exem.data.volume.open_volume` (``channel=``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,13 +18,17 @@ import numpy as np
 __all__ = [
     "ChannelView",
     "LeadingIndexView",
+    "VIRTUAL_EM_CHANNEL",
     "channel_names_of_ome",
     "choose_channel",
     "declared_channel_names",
+    "recorded_ranges",
     "squeeze_leading",
 ]
 
 CHANNEL_DIMENSION_NAMES = ("c", "channel", "channels")
+# exem's name for channel 0 of its multi-channel translations (the input's other channels follow it).
+VIRTUAL_EM_CHANNEL = "virtual_em"
 
 
 class LeadingIndexView:
@@ -106,6 +110,27 @@ def declared_channel_names(array: Any, tiff_axes: str | None = None) -> list[str
     declared = bool(dims) and str(dims[0]).lower() in CHANNEL_DIMENSION_NAMES
     declared = declared or (tiff_axes is not None and tiff_axes.upper().lstrip("QT").startswith("C"))
     return [f"c{i}" for i in range(int(array.shape[0]))] if declared and len(array.shape) >= 4 else None
+
+
+def recorded_ranges(attributes: Mapping[str, Any]) -> dict[int, tuple[float, float]]:
+    """``{channel index: (lo, hi)}``: the value ranges exem recorded for channels of its own output (its group's
+    ``attributes``). A multi-channel translation stores the virtual EM (channel 0, :data:`VIRTUAL_EM_CHANNEL`) in
+    a dtype wide enough for the input's other channels, and the virtual EM keeps the values of its own integer
+    dtype (uint8: 0…255): that dtype's range, not the store's, is its intensity range. ``{}`` for anything else."""
+    record = attributes.get("exem")
+    if not isinstance(record, Mapping):
+        return {}
+    names = record.get("channels")
+    if not isinstance(names, list) or not names or names[0] != VIRTUAL_EM_CHANNEL:
+        return {}
+    try:
+        dtype = np.dtype(record.get("dtype", "float32"))
+    except TypeError:
+        return {}
+    if dtype.kind not in "ui":
+        return {}
+    info = np.iinfo(dtype)
+    return {0: (float(info.min), float(info.max))}
 
 
 def choose_channel(

@@ -23,6 +23,7 @@ from exem.data.channels import (
     channel_names_of_ome,
     choose_channel,
     declared_channel_names,
+    recorded_ranges,
     squeeze_leading,
 )
 from exem.data.ome import level_scale, ome_attributes, read_multiscales
@@ -225,9 +226,11 @@ def _to_nm(scale: Sequence[float], units: Sequence[str | None], path: str) -> tu
 
 def _open_zarr_path(
     path: str, level: int | None
-) -> tuple[Any, _Locator, tuple[float, ...] | None, int | None, list[str] | None]:
-    """(array, locator, voxel size in nm from metadata or None, resolved level, declared channel names) of a
-    zarr store path."""
+) -> tuple[
+    Any, _Locator, tuple[float, ...] | None, int | None, list[str] | None, dict[int, tuple[float, float]]
+]:
+    """(array, locator, voxel size in nm from metadata or None, resolved level, declared channel names, the value
+    ranges exem recorded for its channels (:func:`~exem.data.channels.recorded_ranges`)) of a zarr store path."""
     try:
         node = zarr.open(path, mode="r")
     except Exception as e:
@@ -237,7 +240,7 @@ def _open_zarr_path(
             raise VolumeError(
                 f"{path}: level {level} requested but this is a single Zarr array, not an OME-Zarr"
             )
-        return node, _Locator("zarr", path), None, None, declared_channel_names(node)
+        return node, _Locator("zarr", path), None, None, declared_channel_names(node), {}
     try:
         multiscales = read_multiscales(node)
     except Exception as e:
@@ -260,7 +263,7 @@ def _open_zarr_path(
             raise VolumeError(f"{path}: OME-Zarr level {lvl} array '{key}' is missing or unreadable") from e
         voxel = _to_nm(scale, _axis_units(multiscales), path) if scale is not None else None
         names = channel_names_of_ome(ome_attributes(node), multiscales)
-        return array, _Locator("zarr", path, key), voxel, lvl, names
+        return array, _Locator("zarr", path, key), voxel, lvl, names, recorded_ranges(node.attrs)
     try:
         arrays = sorted(name for name, _ in node.arrays())
     except Exception as e:
@@ -281,16 +284,18 @@ def _open_zarr_path(
         raise VolumeError(
             f"{path}: unreadable Zarr array '{arrays[0]}' ({exception_line(e, with_type=True)})"
         ) from e
-    return array, _Locator("zarr", path, arrays[0]), None, None, declared_channel_names(array)
+    return array, _Locator("zarr", path, arrays[0]), None, None, declared_channel_names(array), {}
 
 
 def _open_path(
     source: str | Path, level: int | None
-) -> tuple[Any, str, _Locator, tuple[float, ...] | None, int | None, list[str] | None]:
+) -> tuple[
+    Any, str, _Locator, tuple[float, ...] | None, int | None, list[str] | None, dict[int, tuple[float, float]]
+]:
     path = str(source)
     if "://" in path:  # remote (fsspec) store: let zarr tell us what is there
-        array, locator, voxel, lvl, names = _open_zarr_path(path, level)
-        return array, path, locator, voxel, lvl, names
+        array, locator, voxel, lvl, names, ranges = _open_zarr_path(path, level)
+        return array, path, locator, voxel, lvl, names, ranges
     p = Path(path).expanduser()
     path = str(p)
     if not p.exists():
@@ -308,6 +313,7 @@ def _open_path(
             None,
             None,
             declared_channel_names(array, _tiff_axes(path)),
+            {},
         )
     if not _is_zarr_store(p):
         children = _collection_children(p)
@@ -319,8 +325,8 @@ def _open_path(
         raise VolumeError(
             f"{path} is not a Zarr store (no zarr.json, .zarray or .zgroup) and holds no *.zarr volumes"
         )
-    array, locator, voxel, lvl, names = _open_zarr_path(path, level)
-    return array, path, locator, voxel, lvl, names
+    array, locator, voxel, lvl, names, ranges = _open_zarr_path(path, level)
+    return array, path, locator, voxel, lvl, names, ranges
 
 
 def _tiff_axes(path: str) -> str | None:
@@ -440,7 +446,8 @@ def open_volume(
         level: OME-Zarr pyramid level (default 0).
         voxel_size: (z, y, x) in nm; overrides the OME-Zarr metadata.
         intensity_range: raw (lo, hi) mapped to [0, 1]. Default: the dtype's full range for integers, [0, 1]
-            for floats (checked on a sample), or ``percentiles``.
+            for floats (checked on a sample), or ``percentiles``; the virtual EM channel of exem's own
+            multi-channel translation (stored wider) takes its own dtype's range (uint8: 0…255), as recorded.
         percentiles: (lo %, hi %) of a bounded random sample (fixed seed) used as the intensity range.
         channel: of a multi-channel ``(C, Z, Y, X)`` volume, by index or name (:mod:`exem.data.channels`: OME-Zarr
             ``c`` axes with ``omero`` names, Zarr v3 ``c`` dimensions, ``CZYX`` TIFFs; any 4D array when given).
@@ -457,8 +464,9 @@ def open_volume(
     meta_voxel: tuple[float, ...] | None = None
     resolved_level: int | None = None
     declared: list[str] | None = None
+    recorded: dict[int, tuple[float, float]] = {}
     if isinstance(source, (str, Path)):
-        array, path, locator, meta_voxel, resolved_level, declared = _open_path(source, level)
+        array, path, locator, meta_voxel, resolved_level, declared, recorded = _open_path(source, level)
     elif isinstance(source, np.ndarray):
         array, path = source, "<numpy array>"
     elif isinstance(source, zarr.Array):
@@ -495,6 +503,9 @@ def open_volume(
     else:
         voxel = None
 
+    own = recorded.get(channel_index or 0) if intensity_range is None and percentiles is None else None
+    if own is not None:  # exem's virtual EM in a wider multi-channel store: its own values' range
+        intensity_range = own
     is_float = dtype.kind == "f"
     sample = None
     if is_float or (percentiles is not None and intensity_range is None):

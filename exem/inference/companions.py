@@ -17,23 +17,19 @@ from typing import Any
 import numpy as np
 import zarr
 
+from exem.data.channels import VIRTUAL_EM_CHANNEL
 from exem.data.ome import CHANNEL_COLORS, downsample_inplane
 from exem.data.volume import Volume, open_volume
 from exem.inference.plan import BlockPlan
 
 __all__ = [
-    "VIRTUAL_EM_CHANNEL",
     "channel_entries",
     "companion_channels",
     "storage_dtype",
-    "virtual_em_range",
     "write_companions",
 ]
 
 log = logging.getLogger(__name__)
-
-# The name of the translated channel in a multi-channel output.
-VIRTUAL_EM_CHANNEL = "virtual_em"
 
 
 def companion_channels(volume: Volume) -> list[int]:
@@ -46,26 +42,9 @@ def companion_channels(volume: Volume) -> list[int]:
 def storage_dtype(out_dtype: str, source_dtype: Any) -> str:
     """The one dtype of a multi-channel output: the virtual EM's, widened to hold the other channels' values.
     The virtual EM keeps its own values (uint8: 0…255), so models with a fixed raw range (EM: [0, 255]) read it
-    as they would a single-channel translation; :func:`virtual_em_range` gives its default intensity range."""
+    as they would a single-channel translation, and :func:`~exem.data.volume.open_volume` takes that range for it
+    (:func:`~exem.data.channels.recorded_ranges`)."""
     return str(np.promote_types(np.dtype(out_dtype), np.dtype(source_dtype)))
-
-
-def virtual_em_range(source: Any, channel: int | str | None = None) -> tuple[float, float] | None:
-    """The intensity range of the ``virtual_em`` channel of a multi-channel translation at ``source``: its own
-    integer dtype's range (stored wider, the values stay 0…255 for uint8), when ``channel`` is None, 0 or
-    ``virtual_em`` and the translation's record says so; else None (the usual default applies)."""
-    from exem.inference.output import read_record
-
-    if not isinstance(source, (str, Path)) or channel not in (None, 0, "0", VIRTUAL_EM_CHANNEL):
-        return None
-    record = read_record(source) or {}
-    if not record.get("channels") or record["channels"][0] != VIRTUAL_EM_CHANNEL:
-        return None
-    dtype = np.dtype(record.get("dtype", "float32"))
-    if dtype.kind not in "ui":
-        return None
-    info = np.iinfo(dtype)
-    return float(info.min), float(info.max)
 
 
 def _window(dtype: Any) -> dict[str, float]:

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from exem.checks import one_of, triple
+from exem.data.channels import VIRTUAL_EM_CHANNEL
 from exem.data.ome import DEFAULT_NGFF_VERSION
 from exem.data.resample import RescaledNetwork, resample_volume, same_voxel_size, scale_roi
 from exem.data.volume import Volume
 from exem.inference.companions import (
-    VIRTUAL_EM_CHANNEL,
     channel_entries,
     companion_channels,
     storage_dtype,
