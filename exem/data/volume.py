@@ -224,13 +224,15 @@ def _to_nm(scale: Sequence[float], units: Sequence[str | None], path: str) -> tu
     return tuple(out)
 
 
-def _open_zarr_path(
-    path: str, level: int | None
-) -> tuple[
+# (array, locator, voxel size in nm from metadata or None, resolved level, declared channel names, the value ranges
+# exem recorded for its channels (exem.data.channels.recorded_ranges)) of an opened path
+_Opened = tuple[
     Any, _Locator, tuple[float, ...] | None, int | None, list[str] | None, dict[int, tuple[float, float]]
-]:
-    """(array, locator, voxel size in nm from metadata or None, resolved level, declared channel names, the value
-    ranges exem recorded for its channels (:func:`~exem.data.channels.recorded_ranges`)) of a zarr store path."""
+]
+
+
+def _open_zarr_path(path: str, level: int | None) -> _Opened:
+    """:data:`_Opened` of a zarr store path."""
     try:
         node = zarr.open(path, mode="r")
     except Exception as e:
@@ -287,15 +289,11 @@ def _open_zarr_path(
     return array, _Locator("zarr", path, arrays[0]), None, None, declared_channel_names(array), {}
 
 
-def _open_path(
-    source: str | Path, level: int | None
-) -> tuple[
-    Any, str, _Locator, tuple[float, ...] | None, int | None, list[str] | None, dict[int, tuple[float, float]]
-]:
+def _open_path(source: str | Path, level: int | None) -> tuple[str, _Opened]:
+    """(the path as exem names it, :data:`_Opened`) of a file or store path."""
     path = str(source)
     if "://" in path:  # remote (fsspec) store: let zarr tell us what is there
-        array, locator, voxel, lvl, names, ranges = _open_zarr_path(path, level)
-        return array, path, locator, voxel, lvl, names, ranges
+        return path, _open_zarr_path(path, level)
     p = Path(path).expanduser()
     path = str(p)
     if not p.exists():
@@ -306,9 +304,8 @@ def _open_path(
         if level not in (None, 0):
             raise VolumeError(f"{path}: level {level} requested but a TIFF file has a single level")
         array = _open_tiff(path)
-        return (
+        return path, (
             array,
-            path,
             _Locator("tiff", path),
             None,
             None,
@@ -325,8 +322,7 @@ def _open_path(
         raise VolumeError(
             f"{path} is not a Zarr store (no zarr.json, .zarray or .zgroup) and holds no *.zarr volumes"
         )
-    array, locator, voxel, lvl, names, ranges = _open_zarr_path(path, level)
-    return array, path, locator, voxel, lvl, names, ranges
+    return path, _open_zarr_path(path, level)
 
 
 def _tiff_axes(path: str) -> str | None:
@@ -466,7 +462,7 @@ def open_volume(
     declared: list[str] | None = None
     recorded: dict[int, tuple[float, float]] = {}
     if isinstance(source, (str, Path)):
-        array, path, locator, meta_voxel, resolved_level, declared, recorded = _open_path(source, level)
+        path, (array, locator, meta_voxel, resolved_level, declared, recorded) = _open_path(source, level)
     elif isinstance(source, np.ndarray):
         array, path = source, "<numpy array>"
     elif isinstance(source, zarr.Array):
