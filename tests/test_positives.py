@@ -50,3 +50,24 @@ def test_antibody_positive_calls_match_the_phantom(tmp_path: Path, phantom: dict
     assert report.found >= 0.7 * report.true_mitochondria, report.summary()  # 19 of 24 seen here
     assert 0.3 <= report.true_fraction <= 0.5
     assert (tmp_path / "measured" / "measure.png").is_file()
+
+
+def test_positives_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from exem.analysis.positives import main
+
+    missing = str(tmp_path / "nothing.zarr")
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "--objects",
+                str(tmp_path / "objects.csv"),
+                "--labels",
+                missing,
+                "--truth",
+                missing,
+                "--antibody",
+                missing,
+            ]
+        )
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1 and "nothing.zarr" in err and "Traceback" not in err

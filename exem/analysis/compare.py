@@ -13,15 +13,19 @@ import numpy as np
 import torch
 
 from exem.analysis.metrics import image_quality
+from exem.data.channels import VIRTUAL_EM_CHANNEL
 from exem.data.volume import open_volume
+from exem.errors import one_line_errors
 from exem.panels import grid_panel, middle_slice, save_panel
 
 TITLES = (("ExM input", "virtual EM", "ground-truth EM"),)
 
 
-def _normalized(path: str | Path, percentiles: Sequence[float] | None = None) -> np.ndarray:
+def _normalized(
+    path: str | Path, percentiles: Sequence[float] | None = None, prefer_channel: str | None = None
+) -> np.ndarray:
     """A whole (small) volume normalised to [0, 1] float32 ``(Z, Y, X)``; only for evaluation-sized data."""
-    vol = open_volume(path, percentiles=percentiles)
+    vol = open_volume(path, percentiles=percentiles, prefer_channel=prefer_channel)
     return vol.read_normalized(tuple(slice(0, s) for s in vol.shape))
 
 
@@ -36,7 +40,7 @@ def compare_translation(
     """PSNR (dB) and SSIM of ``virtual_em`` against ``em`` (same shape, both normalised to [0, 1] by dtype range),
     and a PNG of the middle Z slices: ExM input | virtual EM | ground-truth EM. Returns ``{"psnr", "ssim"}``."""
     a = _normalized(exm, exm_percentiles)
-    v = _normalized(virtual_em)
+    v = _normalized(virtual_em, prefer_channel=VIRTUAL_EM_CHANNEL)  # a multi-channel translation's virtual EM
     g = _normalized(em)
     if v.shape != g.shape:
         raise ValueError(f"virtual EM {v.shape} and ground-truth EM {g.shape} differ in shape")
@@ -45,6 +49,7 @@ def compare_translation(
     return {k: float(t) for k, t in q.items()}
 
 
+@one_line_errors("exem.analysis.compare")
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Virtual EM vs ground-truth EM: PSNR, SSIM and a PNG panel.")
     ap.add_argument("--exm", required=True, help="the ExM input (shown in the panel)")

@@ -22,6 +22,7 @@ import numpy as np
 import zarr
 
 from exem.data.volume import open_volume
+from exem.errors import one_line_errors
 
 __all__ = ["PositiveReport", "match_objects", "positive_call_report", "main"]
 
@@ -122,6 +123,7 @@ def _calls(objects_csv: Path, name: str) -> dict[int, bool]:
         }
 
 
+@one_line_errors("exem.analysis.positives")
 def main(argv: list[str] | None = None) -> None:
     """``python -m exem.analysis.positives``: print the report line of an ``exem-measure`` table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
