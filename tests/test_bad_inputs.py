@@ -452,6 +452,8 @@ CASES: list[Case] = [
          lambda w: _segment(w, "patch=[32,32,32]"), "larger than", slow=True),
     Case("segment-missing-model", S, "model not given",
          lambda w: _segment(w)[1:], "missing mandatory config value model", slow=True),
+    Case("segment-multichannel-no-channel", S, "a multi-channel input without a virtual_em channel, none chosen",
+         lambda w: _segment(w, input=w.two_channels), "choose one with input_channel="),
     # --- evaluation
     Case("evaluate-unknown-segmenter-type", V, "segmenter file of unknown type (.h5)",
          lambda w: _evaluate(w, f"segmenter={w.unknown_model}"), "segmenter"),
@@ -462,6 +464,8 @@ CASES: list[Case] = [
     Case("evaluate-missing-mandatory", V, "labels not given",
          lambda w: [a for a in _evaluate(w) if not a.startswith("labels=")],
          "missing mandatory config value(s): labels", slow=True),
+    Case("evaluate-multichannel-exm-no-channel", V, "a multi-channel ExM volume and no channel chosen",
+         lambda w: _evaluate(w, f"exm={w.two_channels}"), "choose one with exm_channel=", slow=True),
 ]  # fmt: skip
 
 # Simulated through the real entry point, in-process (see test_disk_full_during_write_*).

@@ -11,6 +11,7 @@ import tifffile
 import torch
 import zarr
 
+from exem.data.errors import channel_option
 from exem.data.volume import VolumeError, open_volume
 
 PAN, ANTIBODY = 0, 1
@@ -75,7 +76,12 @@ def test_channel_errors_are_one_line(tmp_path: Path, two_channels: np.ndarray) -
         VolumeError, match=r"got 2 channels \(0: nhs_ester, 1: antibody\); .* channel="
     ) as err:
         open_volume(path)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(err.value).endswith("choose one with channel=<index or name>")
+    # raised in a DataLoader worker, it comes back through pickle with the same line
+    assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
+    with pytest.raises(VolumeError) as renamed, channel_option("input_channel=<index or name>"):
+        open_volume(path)
+    assert str(renamed.value) == str(err.value).replace("with channel=", "with input_channel=")
     with pytest.raises(VolumeError, match="no channel 'tubulin'; channels are 0: nhs_ester, 1: antibody"):
         open_volume(path, channel="tubulin")
     with pytest.raises(VolumeError, match="no channel 2"):
@@ -221,6 +227,11 @@ def test_segmentation_reads_the_virtual_em_channel_of_a_multichannel_translation
     pb = zarr.open_group(str(b.probabilities), mode="r")["0"][:]
     assert np.abs(pa - pb).max() < 1e-5 and a.num_objects == b.num_objects
     assert np.abs(pf - pb).max() < 1e-5
+    # a multi-channel input without a virtual_em channel: the hint names exem-segment's option, not its channel=
+    # (the model's output channel)
+    with pytest.raises(VolumeError, match=r"choose one with input_channel=<index or name>$"):
+        segment_volume(model, path, tmp_path / "seg_raw", **opts)
+    assert not (tmp_path / "seg_raw").exists()
 
 
 def test_other_channels_follow_the_translation_onto_the_models_grid(

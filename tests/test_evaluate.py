@@ -109,3 +109,39 @@ def test_evaluate_api_semantic_labels_without_em(setup: dict[str, Path]) -> None
             out=out,
             **kw,
         )
+
+
+def test_evaluate_multichannel_exm_scores_the_chosen_channel(setup: dict[str, Path]) -> None:
+    """A (C, Z, Y, X) ExM sample (pan-protein + an antibody): ``exm_channel`` picks the stain; the rows are those of
+    the same channel stored alone, and without a channel the error names exem-evaluate's option."""
+    tmp = setup["tmp"]
+    exm = zarr.open_group(str(setup["exm_test"]), mode="r")["0"][...]
+    antibody = np.random.default_rng(1).integers(0, 256, exm.shape).astype(exm.dtype)
+    stack = zarr.create_array(
+        str(tmp / "two.zarr"), shape=(2, *exm.shape), dtype=exm.dtype, chunks=(1, *exm.shape)
+    )
+    stack[...] = np.stack([antibody, exm])
+    kw = {
+        "translate_options": {"patch": [8, 64, 64]},
+        "segment_options": {"patch": [8, 32, 32]},
+        "labels_class": 2,
+        "progress": False,
+    }
+    alone = evaluate(
+        setup["exm_test"], setup["ckpt"], setup["seg"], setup["labels_test"], out=tmp / "e1", **kw
+    )
+    chosen = evaluate(
+        tmp / "two.zarr",
+        setup["ckpt"],
+        setup["seg"],
+        setup["labels_test"],
+        exm_channel=1,
+        out=tmp / "e2",
+        **kw,
+    )
+    assert [r["input"] for r in chosen.rows] == ["virtual_em", "exm"]
+    for a, b in zip(alone.rows, chosen.rows, strict=True):
+        assert a == pytest.approx(b, nan_ok=True), (a, b)
+    assert zarr.open_group(str(chosen.virtual_em), mode="r")["0"].ndim == 3  # the virtual EM alone
+    with pytest.raises(ValueError, match=r"got a 4D array .*choose one with exm_channel=<index or name>$"):
+        evaluate(tmp / "two.zarr", setup["ckpt"], setup["seg"], setup["labels_test"], out=tmp / "e3", **kw)

@@ -283,7 +283,7 @@ def _bad(world, tmp: Path) -> dict:
         ),
         "channels not chosen": (
             dict(labels=lab, images=[np.stack(images)]),
-            r"choose one with channel=<index or name> \(here: channels=\[…\], one entry per image\)",
+            r"choose one with channels=\[…\] \(one entry per image\)",
         ),
         "channels count": (dict(labels=lab, images=[images[0]], channels=[0, 1]), "channels has 2 entries"),
         "bad roi": (

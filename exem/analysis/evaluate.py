@@ -43,6 +43,8 @@ from exem.analysis.instances import CONNECTIVITY
 from exem.analysis.metrics import adapted_rand_error, dice, image_quality, iou, variation_of_information
 from exem.analysis.segment import load_segmenter, segment_volume
 from exem.checks import fmt_voxels
+from exem.data.channels import VIRTUAL_EM_CHANNEL
+from exem.data.errors import channel_option
 from exem.data.volume import Volume, open_volume
 from exem.inference.plan import resolve_region
 from exem.inference.translate import translate_volume
@@ -214,6 +216,7 @@ def evaluate(
     roi: Sequence[int] | None = None,
     exm_intensity_range: Sequence[float] | None = None,
     exm_percentiles: Sequence[float] | None = None,
+    exm_channel: int | str | None = None,
     translate_options: Mapping[str, Any] | None = None,
     segment_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -235,6 +238,9 @@ def evaluate(
         roi: (z0, z1, y0, y1, x0, x1) voxels, applied to every volume; None → whole volumes.
         exm_intensity_range, exm_percentiles: ExM normalisation; None → what the generator was trained with
             (its checkpoint's ``lm_normalization``), else the dtype range.
+        exm_channel: the pan-protein channel of a multi-channel ExM volume (index or name; the OME-Zarr ``c``
+            axis, a CZYX TIFF, a 4D Zarr); None for a single-channel one. Only that channel is translated and
+            segmented (the ``exm`` row); the labels are on its grid.
         translate_options: more keyword arguments of :func:`translate_volume` (e.g. ``patch``, ``batch_size``).
         segment_options: more keyword arguments of :func:`segment_volume` (e.g. ``threshold``, ``patch``).
         overwrite: replace earlier outputs in ``out``.
@@ -265,7 +271,10 @@ def evaluate(
     exm_intensity_range, exm_percentiles = trained_normalization(
         generator, exm_intensity_range, exm_percentiles
     )
-    exm_volume = open_volume(exm, intensity_range=exm_intensity_range, percentiles=exm_percentiles)
+    with channel_option("exm_channel=<index or name>"):
+        exm_volume = open_volume(
+            exm, intensity_range=exm_intensity_range, percentiles=exm_percentiles, channel=exm_channel
+        )
     em_volume = open_volume(em) if em is not None else None
     for name, vol in (("exm", exm_volume), ("em", em_volume)):
         if vol is not None and vol.shape != labels_volume.shape:
@@ -282,7 +291,7 @@ def evaluate(
         overwrite=overwrite,
         trainer=trainer,
         progress=progress,
-        **dict(translate_options or {}),
+        **{"other_channels": False, **dict(translate_options or {})},  # the antibodies are not scored
     )
     seg_net, sidecar = load_segmenter(segmenter) if isinstance(segmenter, (str, Path)) else (segmenter, {})
     inputs: dict[str, tuple[Any, Sequence[int] | None, list[float] | None]] = {
@@ -324,7 +333,9 @@ def evaluate(
         )
     images = {
         "exm": _read_all(exm_volume, roi, normalized=True),
-        "virtual_em": _read_all(open_volume(translation.output), None, normalized=True),
+        "virtual_em": _read_all(
+            open_volume(translation.output, prefer_channel=VIRTUAL_EM_CHANNEL), None, normalized=True
+        ),
     }
     if em_volume is not None:
         images["em"] = _read_all(em_volume, roi, normalized=True)

@@ -48,6 +48,7 @@ from exem.analysis.measure_report import (
     write_measurements,
 )
 from exem.checks import fmt_voxels, positive_ints
+from exem.data.errors import channel_option
 from exem.data.ome import is_group, ome_attributes, read_multiscales
 from exem.data.volume import Volume, VolumeError, open_volume
 from exem.progress import step_bar
@@ -326,12 +327,8 @@ def measure_objects(
             f"labels {lab_vol.path}: dtype {lab_vol.dtype} is not an integer dtype; instance labels are integer ids"
         )
     voxel = lab_vol.voxel_size_nm
-    try:
+    with channel_option("channels=[…] (one entry per image)"):
         img_vols = [_open(src, channel=ch) for src, ch in zip(images, channels, strict=True)]
-    except VolumeError as e:
-        if "channel=" not in str(e):
-            raise
-        raise VolumeError(f"{e} (here: channels=[…], one entry per image)") from None
     for name, vol in zip(names, img_vols, strict=True):
         _check_same_grid(lab_vol, vol, name, voxel)
         if voxel is None and vol.voxel_size_nm is not None:

@@ -55,6 +55,7 @@ from exem.analysis.instances import CONNECTIVITY, check_watershed_size, label_co
 from exem.bioimageio.processing import reproduce_or_fail
 from exem.checks import one_of, triple
 from exem.data.channels import VIRTUAL_EM_CHANNEL
+from exem.data.errors import channel_option
 from exem.data.ome import create_group, is_group, ngff_version_of, write_image_label
 from exem.data.volume import Volume
 from exem.inference.engine import run_blockwise
@@ -89,6 +90,8 @@ PROBABILITY_DTYPES = ("float16", "float32")
 PROBABILITIES = "probabilities"
 LABELS = "labels"
 TASK = "segment"
+# how exem-segment chooses the channel of a multi-channel input (its channel= is the model's output channel)
+INPUT_CHANNEL_OPTION = "input_channel=<index or name>"
 # Default patch (z, y, x) voxels, capped by the volume (for a 2D bioimage.io model: Z slices per patch).
 DEFAULT_PATCH = (16, 256, 256)
 DEFAULT_PATCH_2D = (8, 256, 256)
@@ -323,7 +326,8 @@ def segment_volume(
             raise ValueError(
                 f"check=true needs a bioimage.io package (with test tensors); {segmenter.source} is not one"
             )
-        volume = open_input(input, input_level, opts["normalize"], opts["percentiles"], *in_channel)
+        with channel_option(INPUT_CHANNEL_OPTION):
+            volume = open_input(input, input_level, opts["normalize"], opts["percentiles"], *in_channel)
     else:
         if opts["normalize"] is not None or opts["percentiles"] is not None:
             raise ValueError(
@@ -331,9 +335,8 @@ def segment_volume(
                 " (its preprocessing normalises, with statistics of the whole volume)"
             )
         checked = reproduce_or_fail(segmenter.net) if check else None
-        volume = open_input(
-            input, input_level, (0.0, 1.0), None, *in_channel
-        )  # raw range set from the data next
+        with channel_option(INPUT_CHANNEL_OPTION):  # raw range set from the data next
+            volume = open_input(input, input_level, (0.0, 1.0), None, *in_channel)
         raw_range, statistics = segmenter.net.fit_volume(volume)  # one sample: range and statistics
         volume = open_input(volume, intensity_range=raw_range)
     region = resolve_region(volume.shape, roi, (1, 1, 1))

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from exem.data.errors import ChannelNotChosenError, VolumeError
+
 __all__ = [
     "ChannelView",
     "LeadingIndexView",
@@ -146,8 +148,6 @@ def choose_channel(
         ValueError: one line: a channel that does not exist, a 4D array and no channel chosen, a channel asked of
             a single-channel volume.
     """
-    from exem.data.volume import VolumeError
-
     shape = tuple(int(s) for s in array.shape)
     if len(shape) == 3:
         if channel not in (None, 0, "0") and not (names and channel in names[:1]):
@@ -166,10 +166,7 @@ def choose_channel(
         channel = prefer
     if channel is None:
         what = f"{count} channels ({listing})" if names is not None else f"a 4D array of shape {shape}"
-        raise VolumeError(
-            f"{path}: expected a 3D (Z, Y, X) volume, got {what}; if the first axis holds channels, choose one"
-            " with channel=<index or name>"
-        )
+        raise ChannelNotChosenError(f"{path}: expected a 3D (Z, Y, X) volume, got {what}")
     if isinstance(channel, str) and not channel.lstrip("-").isdigit():
         if channel not in labels:
             raise VolumeError(f"{path}: no channel {channel!r}; channels are {listing}")

@@ -26,6 +26,7 @@ from exem.data.channels import (
     recorded_ranges,
     squeeze_leading,
 )
+from exem.data.errors import VolumeError
 from exem.data.ome import level_scale, ome_attributes, read_multiscales
 from exem.errors import exception_line
 
@@ -49,10 +50,6 @@ UNIT_TO_NM = {
 SAMPLE_BLOCKS = 32
 SAMPLE_BLOCK = (16, 128, 128)
 SAMPLE_SEED = 0
-
-
-class VolumeError(ValueError):
-    """A user-facing data problem; ``str(e)`` is one line naming the path and the problem."""
 
 
 def normalize(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
