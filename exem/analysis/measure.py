@@ -49,7 +49,7 @@ from exem.analysis.measure_report import (
 )
 from exem.checks import fmt_voxels, positive_ints
 from exem.data.errors import channel_option
-from exem.data.ome import is_group, ome_attributes, read_multiscales
+from exem.data.ome import RECORD_ATTRIBUTE, is_group, ome_attributes, read_multiscales
 from exem.data.volume import Volume, VolumeError, open_volume
 from exem.progress import step_bar
 
@@ -103,7 +103,7 @@ def recorded_expansion_factor(source: VolumeSource) -> float | None:
             continue
         group = zarr.open_group(str(path), mode="r")
         attrs = dict(group.attrs)
-        for where in (attrs.get("exem"), attrs, ome_attributes(group)):
+        for where in (attrs.get(RECORD_ATTRIBUTE), attrs, ome_attributes(group)):
             value = where.get("expansion_factor") if isinstance(where, Mapping) else None
             if value is not None:
                 try:

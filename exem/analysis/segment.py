@@ -56,7 +56,7 @@ from exem.bioimageio.processing import reproduce_or_fail
 from exem.checks import one_of, triple
 from exem.data.channels import VIRTUAL_EM_CHANNEL
 from exem.data.errors import channel_option
-from exem.data.ome import create_group, is_group, ngff_version_of, write_image_label
+from exem.data.ome import RECORD_ATTRIBUTE, create_group, is_group, ngff_version_of, write_image_label
 from exem.data.volume import Volume
 from exem.inference.engine import run_blockwise
 from exem.inference.job import open_input, plan_job
@@ -175,7 +175,7 @@ def _prepare(
         remove_output(out)
     if action in ("create", "overwrite"):
         out.mkdir(parents=True, exist_ok=True)
-        create_group(out, version).attrs["exem"] = attributes
+        create_group(out, version).attrs[RECORD_ATTRIBUTE] = attributes
     if not is_group(out / PROBABILITIES):  # also after a kill between the two creations
         create_image(
             out / PROBABILITIES,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from exem.data.errors import ChannelNotChosenError, VolumeError
+from exem.data.ome import RECORD_ATTRIBUTE
 
 __all__ = [
     "ChannelView",
@@ -119,7 +120,7 @@ def recorded_ranges(attributes: Mapping[str, Any]) -> dict[int, tuple[float, flo
     ``attributes``). A multi-channel translation stores the virtual EM (channel 0, :data:`VIRTUAL_EM_CHANNEL`) in
     a dtype wide enough for the input's other channels, and the virtual EM keeps the values of its own integer
     dtype (uint8: 0…255): that dtype's range, not the store's, is its intensity range. ``{}`` for anything else."""
-    record = attributes.get("exem")
+    record = attributes.get(RECORD_ATTRIBUTE)
     if not isinstance(record, Mapping):
         return {}
     names = record.get("channels")

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 NGFF_VERSIONS = ("0.4", "0.5")
 DEFAULT_NGFF_VERSION = "0.5"
 ZARR_FORMATS = {"0.4": 2, "0.5": 3}
+# The group attribute holding exem's record of an output it wrote (exem.inference.output; read back by
+# exem.data.channels.recorded_ranges).
+RECORD_ATTRIBUTE = "exem"
 # The chunk compressor of every array written: Blosc LZ4 level 5 with byte shuffle (zarr-python's v2 default).
 BLOSC = {"cname": "lz4", "clevel": 5}
 # Output voxels per step of downsample_inplane: its int16 temporaries (1 MiB) stay in a core's L2 cache. 32×1024×1024

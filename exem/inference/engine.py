@@ -45,6 +45,7 @@ from exem.inference.batching import DEFAULT_BATCH_SIZE
 from exem.inference.blend import WindowCache
 from exem.inference.blockio import DEFAULT_NUM_WORKERS, BlockDataModule, BlockWriter, done_blocks
 from exem.inference.blockrun import BlockRun
+from exem.inference.output import update_record
 from exem.inference.plan import CPU_BLOCK_VOXELS, DEFAULT_BLOCK_VOXELS, Block, BlockPlan
 from exem.perf import compile_or_eager
 from exem.quiet import lightning_announcements_muted, lightning_noise_silenced
@@ -506,10 +507,7 @@ def run_blockwise(
             f"{root}: {len(missing)} block(s) were not written ({', '.join(missing[:3])}{more}); rerun to resume"
         )
     if trainer.is_global_zero:
-        group = zarr.open_group(str(root), mode="r+")
-        meta = dict(group.attrs.get("exem", {}) or {})
-        meta.update({"complete": True, "blocks": len(plan.blocks), "block_shape": list(plan.block_shape)})
-        group.attrs["exem"] = meta
+        update_record(root, complete=True, blocks=len(plan.blocks), block_shape=list(plan.block_shape))
     strategy.barrier("exem_complete")
     skipped = datamodule.skipped if datamodule.skipped is not None else 0
     return BlockwiseResult(

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import zarr
 
-from exem.data.ome import DEFAULT_NGFF_VERSION, check_ngff_version, create_ome_zarr
+from exem.data.ome import DEFAULT_NGFF_VERSION, RECORD_ATTRIBUTE, check_ngff_version, create_ome_zarr
 from exem.data.volume import Volume
 from exem.inference.plan import BlockPlan
 
@@ -143,14 +143,17 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except Exception:  # noqa: BLE001 - anything unreadable is "not an exem output"
         return None
-    meta = attrs.get("exem")
+    meta = attrs.get(RECORD_ATTRIBUTE)
     return meta if isinstance(meta, dict) else None
 
 
 def update_record(path: str | Path, **fields: Any) -> None:
     """Add ``fields`` to the record of the group at ``path`` (e.g. ``complete=True``)."""
     group = zarr.open_group(str(path), mode="r+")
-    group.attrs["exem"] = {**jsonable(dict(group.attrs.get("exem", {}) or {})), **jsonable(fields)}
+    group.attrs[RECORD_ATTRIBUTE] = {
+        **jsonable(dict(group.attrs.get(RECORD_ATTRIBUTE, {}) or {})),
+        **jsonable(fields),
+    }
 
 
 def describe_differences(stored: Mapping[str, Any], settings: Mapping[str, Any], keys: Sequence[str]) -> str:
@@ -292,7 +295,7 @@ def create_image(
         chunks=chunks,
         factors=[(1, 2**lvl, 2**lvl) for lvl in range(plan.levels)],
         name=name,
-        attributes={"exem": dict(attributes)},
+        attributes={RECORD_ATTRIBUTE: dict(attributes)},
         ngff_version=ngff_version,
         shards=plan.shards,
         origin_nm=offset if any(plan.origin) else None,
