@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 __all__ = [
     "CONF_DIR",
+    "TRAINING_LOOP_KEYS",
     "ConfigError",
     "check_missing",
     "compose_config",
@@ -87,12 +88,40 @@ def default_precision(accelerator: str | None) -> str:
     return "32-true"
 
 
+# Keys of ``conf/trainer`` that only steer the training loop. An inference Trainer is built without them: they
+# change nothing in ``Trainer.predict``, and Lightning would announce e.g. "validation will run at the end of the
+# training epoch" in exem-translate's output.
+TRAINING_LOOP_KEYS: frozenset[str] = frozenset(
+    {
+        "max_steps",
+        "min_steps",
+        "max_epochs",
+        "min_epochs",
+        "max_time",
+        "val_check_interval",
+        "check_val_every_n_epoch",
+        "num_sanity_val_steps",
+        "log_every_n_steps",
+        "accumulate_grad_batches",
+        "gradient_clip_val",
+        "gradient_clip_algorithm",
+        "limit_train_batches",
+        "limit_val_batches",
+        "limit_test_batches",
+        "overfit_batches",
+        "reload_dataloaders_every_n_epochs",
+    }
+)
+
+
 def inference_trainer(trainer: Mapping[str, Any] | DictConfig) -> Any:
-    """A Lightning Trainer for inference from a ``conf/trainer`` node: its accelerator, devices, strategy and
-    precision (``null`` → :func:`default_precision`), without logger, checkpoints, Lightning bars or callbacks."""
+    """A Lightning Trainer for inference from a ``conf/trainer`` node: its accelerator, devices, strategy,
+    precision (``null`` → :func:`default_precision`) and other settings, without the training loop's
+    (:data:`TRAINING_LOOP_KEYS`), logger, checkpoints, Lightning bars or callbacks."""
     from hydra.utils import instantiate
 
     cfg = OmegaConf.to_container(trainer, resolve=True) if isinstance(trainer, DictConfig) else dict(trainer)
+    cfg = {k: v for k, v in cfg.items() if k not in TRAINING_LOOP_KEYS}
     if cfg.get("precision") is None:
         cfg["precision"] = default_precision(cfg.get("accelerator"))
     cfg.update(

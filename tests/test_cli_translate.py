@@ -43,6 +43,8 @@ def test_translate_cli_writes_pyramid_and_refuses_to_clobber(setup: dict[str, Pa
         r"first batch ([0-9.]+) s after start", proc.stdout
     )  # the command's start-up (issue 13)
     assert first is not None and 0 < float(first.group(1)) < 120
+    # conf/trainer's training-loop settings do not reach the inference Trainer (nor Lightning's announcements)
+    assert "validation will run" not in proc.stdout + proc.stderr
     group = zarr.open_group(str(out), mode="r")
     assert group["0"].shape == (12, 80, 96) and group["0"].dtype == np.uint8
     assert group["1"].shape == (12, 40, 48)
@@ -70,3 +72,22 @@ def test_translate_cli_errors_are_one_line(setup: dict[str, Path], extra: list[s
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("exem-translate: error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_inference_trainer_drops_training_loop_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from exem.config import TRAINING_LOOP_KEYS, compose_config, inference_trainer
+
+    cfg = compose_config(
+        ["trainer=cpu", "trainer.deterministic=true"], output_dir=tmp_path, config_name="translate"
+    )
+    assert TRAINING_LOOP_KEYS & set(cfg.trainer.keys())  # the shipped trainer config has some
+    with caplog.at_level("INFO"):
+        trainer = inference_trainer(cfg.trainer)
+    assert "validation will run" not in caplog.text
+    assert trainer.max_steps == -1 and trainer.val_check_interval == 1.0  # Lightning's own, not conf's
+    # the settings that do matter for inference go through
+    assert trainer.precision == "32-true" and trainer.strategy.root_device.type == "cpu"
+    assert torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
