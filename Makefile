@@ -50,10 +50,10 @@ test-slow: $(STAMP)
 BENCH_DIR ?= outputs/bench
 
 # CPU benchmarks (--size tiny), each side by side with its yardstick; logs in $(BENCH_DIR), ratios printed last.
-# About 2 minutes on 2 idle cores. GPU sizes: see benchmarks/RESULTS.md.
+# About 2.5 minutes on 2 idle cores. GPU sizes: see benchmarks/RESULTS.md.
 bench: $(STAMP)
 	mkdir -p $(BENCH_DIR)
-	$(PY) benchmarks/translate_overhead.py --size tiny --repeats 3 > $(BENCH_DIR)/translate_overhead.log
+	$(PY) benchmarks/translate_overhead.py --size tiny --repeats 5 > $(BENCH_DIR)/translate_overhead.log
 	$(PY) benchmarks/bench_translate.py --size tiny --device cpu > $(BENCH_DIR)/translate.log
 	$(PY) benchmarks/bench_train.py --size tiny --device cpu > $(BENCH_DIR)/train.log
 	$(PY) benchmarks/seams.py --png $(BENCH_DIR)/seams.png > $(BENCH_DIR)/seams.log
