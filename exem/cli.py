@@ -50,7 +50,7 @@ def command(
             check_missing(cfg, hints)
             return body(cfg)
 
-        main = config_errors_one_line(prog)(
+        main = config_errors_one_line(prog, config_name)(
             hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(run)
         )
         main.preloads = tuple(imports)  # type: ignore[attr-defined]  # (tests check that they import)

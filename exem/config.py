@@ -23,6 +23,7 @@ __all__ = [
     "check_missing",
     "compose_config",
     "conf_dir",
+    "config_groups",
     "default_precision",
     "inference_trainer",
     "rename_cli_key",
@@ -52,6 +53,19 @@ def wandb_offline() -> bool:
 
 OmegaConf.register_new_resolver("exem_wandb_offline", wandb_offline, replace=True)
 CONF_DIR = conf_dir()
+
+
+def config_groups(config_name: str) -> list[str]:
+    """The config groups in the defaults list of ``conf/<config_name>.yaml`` (e.g. ``trainer``, ``experiment``);
+    Hydra's own (``hydra/…``) and ``override`` entries left out."""
+    node = OmegaConf.load(Path(CONF_DIR) / f"{config_name}.yaml")
+    groups = []
+    for entry in node.get("defaults", []):
+        for key in entry.keys() if isinstance(entry, Mapping) else ():
+            name = str(key).removeprefix("optional ")
+            if "/" not in name and not name.startswith("override "):
+                groups.append(name)
+    return groups
 
 
 def check_missing(cfg: DictConfig, hints: Mapping[str, str] | None = None) -> None:

@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 __all__ = [
@@ -24,11 +25,15 @@ __all__ = [
     "exception_line",
     "is_user_error",
     "one_line_errors",
+    "unknown_key_line",
     "user_error",
     "user_error_line",
 ]
 
 log = logging.getLogger("exem")
+
+# An unknown config key with no key spelt alike lists the known ones, at most this many.
+MAX_KNOWN_SHOWN = 20
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 # OSErrors about the user's environment (space, quota, permissions, paths): reported in one line.
@@ -123,8 +128,55 @@ def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return deco
 
 
-def config_error_line(exc: BaseException) -> str:
-    """A Hydra / OmegaConf error (unknown key, bad override, missing config group option) on one line."""
+def unknown_key_line(exc: BaseException, groups: Collection[str] = ()) -> str | None:
+    """Hydra's "Could not override 'k'. To append to your config use +k=v (Key 'k' is not in struct)" as
+    "unknown option 'k'; did you mean 'key'?"; None for any other error.
+
+    The suggestions are the keys beside ``k`` that are spelt alike, else the known keys there. At the top level
+    they include the command's config ``groups`` (e.g. ``experiment``) and leave out the other ``_target_``
+    nodes (the command's own plumbing, e.g. ``translate``). Only where the keys are the arguments of a
+    ``_target_`` (e.g. ``trainer.*``, Lightning's Trainer) does a new key do something, so only there, and when
+    nothing is spelt alike, is ``+k=…`` suggested.
+    """
+    cause = exc.__cause__
+    parent = getattr(cause, "parent_node", None)
+    full = getattr(cause, "full_key", None)
+    if parent is None or not isinstance(full, str) or "not in struct" not in str(cause):
+        return None
+    head, _, name = full.rpartition(".")
+    try:
+        children = {str(k): v for k, v in parent.items_ex(resolve=False)}  # (interpolations left as they are)
+        known = {k for k in children if not k.startswith("_") and k != "hydra"}
+        if not head:
+            known = {k for k in known if k in groups or not _is_target_node(children[k])}
+            known |= set(groups)
+        target = parent.get("_target_")
+    except Exception:  # noqa: BLE001 - a node we cannot read: keep Hydra's own message
+        return None
+    prefix = f"{head}." if head else ""
+    text = f"unknown option {full!r}"
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    if close:
+        text += "; did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
+    elif known:
+        shown = sorted(known)
+        more = ", …" if len(shown) > MAX_KNOWN_SHOWN else ""
+        text += f"; known {'under ' + repr(head) if head else 'options'}: {', '.join(shown[:MAX_KNOWN_SHOWN])}{more}"
+    if isinstance(target, str) and not close:
+        text += f" (a new argument of {target.rpartition('.')[2]}: +{full}=…)"
+    return text
+
+
+def _is_target_node(node: Any) -> bool:
+    return hasattr(node, "keys") and "_target_" in node
+
+
+def config_error_line(exc: BaseException, groups: Collection[str] = ()) -> str:
+    """A Hydra / OmegaConf error (unknown key, bad override, missing config group option) on one line; ``groups``:
+    the command's config groups (:func:`unknown_key_line`)."""
+    unknown = unknown_key_line(exc, groups)
+    if unknown is not None:
+        return unknown
     text = str(exc).split("Config search path:")[0]  # (Hydra lists its search path after a missing option)
     text = " ".join(text.split())
     override = getattr(exc, "override", None)
@@ -138,8 +190,11 @@ def config_error_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def config_errors_one_line(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Around a ``hydra.main``: configuration errors (unknown key, bad override, …) become one line and exit 1.
+def config_errors_one_line(
+    prog: str, config_name: str | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Around a ``hydra.main`` of ``conf/<config_name>.yaml``: configuration errors (unknown key, bad override, …)
+    become one line and exit 1.
 
     Hydra prints these itself over several lines; here it re-raises them (``HYDRA_FULL_ERROR=1`` while the
     command runs) and they are printed as ``<prog>: error: <message>``. With ``HYDRA_FULL_ERROR=1`` set by the
@@ -160,7 +215,10 @@ def config_errors_one_line(prog: str) -> Callable[[Callable[..., Any]], Callable
             except (HydraException, OmegaConfBaseException) as exc:
                 if user_full:
                     raise
-                sys.stderr.write(f"{prog}: error: {config_error_line(exc)}\n")
+                from exem.config import config_groups
+
+                groups = config_groups(config_name) if config_name else ()
+                sys.stderr.write(f"{prog}: error: {config_error_line(exc, groups)}\n")
                 sys.exit(1)
             finally:
                 if previous is None:

@@ -315,7 +315,8 @@ CASES: list[Case] = [
          "voxel size must be positive"),
     # --- training configuration
     Case("train-unknown-config-key", T, "a config key that does not exist",
-         lambda w: _train(w, "model.generator.width=[4,8]"), "could not override 'model.generator.width'"),
+         lambda w: _train(w, "model.generator.width=[4,8]"),
+         "unknown option 'model.generator.width'; did you mean 'model.generator.widths'?"),
     Case("train-missing-mandatory", T, "data paths not given",
          lambda w: ["experiment=mouse_cortex", "trainer=cpu", "hydra.run.dir=run"],
          "missing mandatory config value(s): data.em.path, data.lm.path", slow=True),
@@ -374,6 +375,9 @@ CASES: list[Case] = [
          lambda w: _translate(w, "roi=[0,16,0,64,0,500]"), "is outside the volume"),
     Case("translate-roi-reversed", X, "ROI with z1 < z0",
          lambda w: _translate(w, "roi=[12,4,0,64,0,64]"), "empty or reversed"),
+    Case("translate-misspelt-option", X, "a misspelt option",
+         lambda w: _translate(w, "overlapp=[0,8,8]"), "unknown option 'overlapp'; did you mean 'overlap'?",
+         slow=True),
     Case("translate-bad-dtype", X, "output dtype not supported",
          lambda w: _translate(w, "dtype=int16"), "dtype must be one of", slow=True),
     # --- translation output

@@ -1,0 +1,59 @@
+"""Configuration errors as one line: an unknown key names the keys spelt alike (exem.errors.unknown_key_line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exem.config import compose_config, config_groups
+from exem.errors import config_error_line
+
+
+def _line(tmp_path: Path, config_name: str, *overrides: str, groups: bool = True) -> str:
+    with pytest.raises(Exception) as info:  # noqa: PT011 - Hydra's composition error, whatever its class
+        compose_config(list(overrides), output_dir=tmp_path, config_name=config_name)
+    return config_error_line(info.value, config_groups(config_name) if groups else ())
+
+
+def test_config_groups_are_the_defaults_lists_groups() -> None:
+    assert config_groups("translate") == ["trainer", "paths"]
+    assert {"experiment", "hparams_search", "trainer", "model"} <= set(config_groups("train"))
+    assert config_groups("measure") == []
+
+
+def test_a_misspelt_key_names_the_key_meant(tmp_path: Path) -> None:
+    assert _line(tmp_path, "translate", "inptu=x.zarr") == "unknown option 'inptu'; did you mean 'input'?"
+    assert (
+        _line(tmp_path, "evaluate", "exm_chanel=1")
+        == "unknown option 'exm_chanel'; did you mean 'exm_channel'?"
+    )
+    nested = _line(tmp_path, "train", "model.generator.width=[4,8]")
+    assert nested == "unknown option 'model.generator.width'; did you mean 'model.generator.widths'?"
+
+
+def test_a_misspelt_group_is_suggested_only_where_the_command_has_it(tmp_path: Path) -> None:
+    assert "did you mean 'experiment'?" in _line(tmp_path, "train", "experimnt=demo")
+    assert "experiment" not in _line(tmp_path, "train", "experimnt=demo", groups=False)
+    assert "experiment" not in _line(tmp_path, "translate", "experimnt=demo")
+
+
+def test_an_unknown_key_lists_the_known_ones_and_plumbing_is_not_offered(tmp_path: Path) -> None:
+    line = _line(tmp_path, "segment", "segmenter=mito.pt")
+    assert line.startswith("unknown option 'segmenter'; known options: batch_size, ")
+    assert "'segment'" not in line and " segment," not in line  # the instantiate node behind the command
+    assert "model_file" in line and line.endswith(", …")  # more than MAX_KNOWN_SHOWN
+    assert "+" not in line  # a new top-level key would do nothing
+
+
+def test_plus_is_suggested_only_for_arguments_of_a_target(tmp_path: Path) -> None:
+    line = _line(tmp_path, "train", "trainer.zzzq=1")
+    assert line.startswith("unknown option 'trainer.zzzq'; known under 'trainer': accelerator, ")
+    assert line.endswith("(a new argument of Trainer: +trainer.zzzq=…)")
+    close = _line(tmp_path, "train", "trainer.max_stepz=3")
+    assert "did you mean 'trainer.max_steps'" in close and "+" not in close
+
+
+def test_other_config_errors_keep_hydras_message(tmp_path: Path) -> None:
+    line = _line(tmp_path, "translate", "trainer=gpux")
+    assert "Could not find 'trainer/gpux'" in line and "cpu ddp default gpu" in line and "\n" not in line
