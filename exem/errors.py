@@ -5,6 +5,7 @@
   (bad input, bad config, a full disk), instead of a traceback from deep inside torch.
 - :func:`one_line_errors` / :func:`config_errors_one_line`: the decorators every ``exem-*`` entry point wears
   (errors of the run, and Hydra's configuration errors).
+- :func:`unknown_key_line`: a misspelt option names the options spelt alike ("did you mean 'input'?").
 """
 
 from __future__ import annotations
