@@ -15,6 +15,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Collection
 from typing import Any
@@ -178,6 +179,12 @@ def config_error_line(exc: BaseException, groups: Collection[str] = ()) -> str:
     unknown = unknown_key_line(exc, groups)
     if unknown is not None:
         return unknown
+    foreign = re.match(r"Could not override '([^']+)'\.\s+No match in the defaults list", str(exc))
+    if (
+        foreign is not None
+    ):  # a group of other commands (e.g. exem-train's experiment=); Hydra would say "+group="
+        mine = f" (its config groups: {', '.join(groups)})" if groups else ""
+        return f"this command has no {foreign.group(1)}= option{mine}"
     text = str(exc).split("Config search path:")[0]  # (Hydra lists its search path after a missing option)
     text = " ".join(text.split())
     override = getattr(exc, "override", None)

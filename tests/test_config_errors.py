@@ -57,3 +57,9 @@ def test_plus_is_suggested_only_for_arguments_of_a_target(tmp_path: Path) -> Non
 def test_other_config_errors_keep_hydras_message(tmp_path: Path) -> None:
     line = _line(tmp_path, "translate", "trainer=gpux")
     assert "Could not find 'trainer/gpux'" in line and "cpu ddp default gpu" in line and "\n" not in line
+
+
+def test_a_group_of_another_command_is_refused_without_suggesting_plus(tmp_path: Path) -> None:
+    # experiment= is exem-train's; Hydra suggested "+experiment=demo", which would merge a training experiment in
+    line = _line(tmp_path, "translate", "experiment=demo")
+    assert line == "this command has no experiment= option (its config groups: trainer, paths)"
