@@ -378,6 +378,8 @@ CASES: list[Case] = [
     Case("translate-misspelt-option", X, "a misspelt option",
          lambda w: _translate(w, "overlapp=[0,8,8]"), "unknown option 'overlapp'; did you mean 'overlap'?",
          slow=True),
+    Case("translate-training-experiment", X, "exem-train's experiment= given to exem-translate",
+         lambda w: _translate(w, "experiment=demo"), "this command has no experiment= option", slow=True),
     Case("translate-bad-dtype", X, "output dtype not supported",
          lambda w: _translate(w, "dtype=int16"), "dtype must be one of", slow=True),
     # --- translation output
