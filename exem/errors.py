@@ -5,7 +5,8 @@
   (bad input, bad config, a full disk), instead of a traceback from deep inside torch.
 - :func:`one_line_errors` / :func:`config_errors_one_line`: the decorators every ``exem-*`` entry point wears
   (errors of the run, and Hydra's configuration errors).
-- :func:`unknown_key_line`: a misspelt option names the options spelt alike ("did you mean 'input'?").
+- :func:`unknown_key_line`: a misspelt option names the options spelt alike ("did you mean 'input'?"); another
+  command's config group is refused as such.
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., A
 
 def unknown_key_line(exc: BaseException, groups: Collection[str] = ()) -> str | None:
     """Hydra's "Could not override 'k'. To append to your config use +k=v (Key 'k' is not in struct)" as
-    "unknown option 'k'; did you mean 'key'?"; None for any other error.
+    "unknown option 'k'; did you mean 'key'?", and its "Could not override 'g'. No match in the defaults list"
+    (a config group of other commands, e.g. exem-train's ``experiment``) as "this command has no g= option";
+    None for any other error.
 
     The suggestions are the keys beside ``k`` that are spelt alike, else the known keys there. At the top level
     they include the command's config ``groups`` (e.g. ``experiment``) and leave out the other ``_target_``
@@ -140,6 +143,10 @@ def unknown_key_line(exc: BaseException, groups: Collection[str] = ()) -> str | 
     ``_target_`` (e.g. ``trainer.*``, Lightning's Trainer) does a new key do something, so only there, and when
     nothing is spelt alike, is ``+k=…`` suggested.
     """
+    foreign = re.match(r"Could not override '([^']+)'\.\s+No match in the defaults list", str(exc))
+    if foreign is not None:  # Hydra would advise "+g=…", which merges another command's group in
+        mine = f" (its config groups: {', '.join(groups)})" if groups else ""
+        return f"this command has no {foreign.group(1)}= option{mine}"
     cause = exc.__cause__
     parent = getattr(cause, "parent_node", None)
     full = getattr(cause, "full_key", None)
@@ -179,12 +186,6 @@ def config_error_line(exc: BaseException, groups: Collection[str] = ()) -> str:
     unknown = unknown_key_line(exc, groups)
     if unknown is not None:
         return unknown
-    foreign = re.match(r"Could not override '([^']+)'\.\s+No match in the defaults list", str(exc))
-    if (
-        foreign is not None
-    ):  # a group of other commands (e.g. exem-train's experiment=); Hydra would say "+group="
-        mine = f" (its config groups: {', '.join(groups)})" if groups else ""
-        return f"this command has no {foreign.group(1)}= option{mine}"
     text = str(exc).split("Config search path:")[0]  # (Hydra lists its search path after a missing option)
     text = " ".join(text.split())
     override = getattr(exc, "override", None)
