@@ -17,14 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from exem.config import CONF_DIR, check_missing, inference_trainer, rename_cli_key
 from exem.errors import config_errors_one_line, one_line_errors
-from exem.quiet import LIGHTNING_ANNOUNCER, silence_lightning_noise
+from exem.quiet import LIGHTNING_ANNOUNCER, drop_summaries_of, silence_lightning_noise
 from exem.startup import preload
 
 __all__ = ["CONF_DIR"]
 
 
-def _tidy_logging() -> None:
-    """One copy of each log line (Hydra's handler, not Lightning's own) and no advertising tips."""
+def _tidy_logging(prog: str) -> None:
+    """One copy of each log line (Hydra's handler, not Lightning's own), no advertising tips, and no library summary
+    line that ``prog`` prints itself."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         for handler in list(lg.handlers):
@@ -32,6 +33,7 @@ def _tidy_logging() -> None:
         lg.propagate = True
     logging.getLogger(LIGHTNING_ANNOUNCER).addFilter(lambda r: "Tip:" not in r.getMessage())
     silence_lightning_noise()
+    drop_summaries_of(prog)
 
 
 def command(
@@ -46,7 +48,7 @@ def command(
         @functools.wraps(body)
         def run(cfg: DictConfig) -> Any:
             preload(imports)  # before _tidy_logging: Lightning installs its log handlers when imported
-            _tidy_logging()
+            _tidy_logging(prog)
             check_missing(cfg, hints)
             return body(cfg)
 
@@ -70,7 +72,9 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     return args
 
 
-def _print_files(files: Mapping[str, Any], width: int = 12) -> None:
+def _print_files(files: Mapping[str, Any]) -> None:
+    """One ``name  path`` line per file, the paths in one column."""
+    width = max((len(str(name)) for name in files), default=0) + 1
     for name, path in files.items():
         print(f"{name:{width}s} {path}")
 
@@ -104,7 +108,7 @@ def synth_main(cfg: DictConfig) -> None:
     """``exem-synth``: write synthetic ExM/EM phantoms and labels as OME-Zarr."""
     from exem.data.synthetic import write_synthetic_dataset
 
-    _print_files(write_synthetic_dataset(**_plain(cfg)), width=14)
+    _print_files(write_synthetic_dataset(**_plain(cfg)))
 
 
 @command("exem-export", "export", ["exem.export"])

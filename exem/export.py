@@ -36,6 +36,7 @@ from exem.checkpoints import (
 from exem.checks import positive_ints
 from exem.errors import exception_line
 from exem.models import AnisotropicUNet3D
+from exem.quiet import summary_of
 from exem.trained import NETWORK_OF_DIRECTION, TrainedGenerator, check_direction
 
 __all__ = ["EXPORT_FORMATS", "ExportedFiles", "export_generator", "onnx_export"]
@@ -209,7 +210,7 @@ def export_generator(
         document["torch_version"] = torch.__version__
         result["json"] = _atomic_write_text(out / JSON_NAME, _json_text(document))
     for name, path in result.items():
-        log.info("wrote %s %s", name, path)
+        log.info("wrote %s %s", name, path, extra=summary_of("exem-export"))
     return result
 
 
@@ -432,7 +433,12 @@ def _write_torchscript(
                 f"{final}: the traced TorchScript module differs from the model by {diff:.3g} "
                 f"(> {_TORCHSCRIPT_ATOL:g}) on inputs {[tuple(x.shape) for x in inputs]}"
             )
-    log.info("TorchScript check: max |ts - torch| = %.3g on %s", diff, [tuple(x.shape) for x in inputs])
+    log.info(
+        "TorchScript check: max |ts - torch| = %.3g on %s",
+        diff,
+        [tuple(x.shape) for x in inputs],
+        extra=summary_of("exem-export"),
+    )
     return final, diff
 
 
@@ -529,5 +535,11 @@ def _write_onnx(
                 f"(onnxruntime CPU, inputs {shapes}, {used} exporter)"
             )
         del session
-    log.info("ONNX check (onnxruntime CPU, %s exporter): max |onnx - torch| = %.3g on %s", used, diff, shapes)
+    log.info(
+        "ONNX check (onnxruntime CPU, %s exporter): max |onnx - torch| = %.3g on %s",
+        used,
+        diff,
+        shapes,
+        extra=summary_of("exem-export"),
+    )
     return final, diff, used

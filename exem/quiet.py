@@ -1,8 +1,9 @@
-"""Lightning output that says nothing a user of exem can act on, silenced in one place.
+"""Output that says nothing a user can act on, silenced in one place.
 
-The warnings are silenced around ``Trainer.fit`` (``exem.train``), ``Trainer.predict`` (the blockwise engine) and
-process-wide by the CLIs; the announcements while an inference Trainer is built
-(:func:`exem.inference.engine.default_trainer`).
+Lightning's warnings are silenced around ``Trainer.fit`` (``exem.train``), ``Trainer.predict`` (the blockwise engine)
+and process-wide by the CLIs; its announcements while an inference Trainer is built
+(:func:`exem.inference.engine.default_trainer`). A library call's closing summary record (:func:`summary_of`) is
+dropped from the console of the command that prints the same summary itself (:func:`drop_summaries_of`).
 """
 
 from __future__ import annotations
@@ -49,3 +50,20 @@ def lightning_noise_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         silence_lightning_noise()
         yield
+
+
+# A library call's last log record, its one-line summary, carries this attribute naming the command that prints the
+# same summary itself; that command drops the record so a run ends with one summary line, not two near-copies.
+SUMMARY_ATTR = "exem_summary_of"
+
+
+def summary_of(prog: str) -> dict[str, str]:
+    """``extra=`` for the summary record of a call whose result ``prog`` (e.g. ``"exem-translate"``) prints."""
+    return {SUMMARY_ATTR: prog}
+
+
+def drop_summaries_of(prog: str) -> None:
+    """Drop records marked :func:`summary_of` ``(prog)`` at every handler of the root logger (the console a CLI's
+    Hydra logging set up); other records, and other commands' summaries (a step of ``prog``), still show."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: getattr(r, SUMMARY_ATTR, None) != prog)

@@ -39,6 +39,7 @@ def test_translate_cli_writes_pyramid_and_refuses_to_clobber(setup: dict[str, Pa
     proc = run_cli("exem-translate", *_args(setup, out), cwd=setup["tmp"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exem-translate: 12×80×96 voxels" in proc.stdout and "Mvox/s" in proc.stdout
+    assert "translated " not in proc.stdout  # the library's own summary record: the command prints it once
     first = re.search(
         r"first batch ([0-9.]+) s after start", proc.stdout
     )  # the command's start-up (issue 13)

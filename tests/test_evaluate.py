@@ -43,6 +43,9 @@ def test_evaluate_cli_writes_table_and_figure(setup: dict[str, Path]) -> None:
         "translate.patch=[8,64,64]", "segment.patch=[8,32,32]", "trainer=cpu", cwd=tmp,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # one summary (the command's), while its steps' summaries still show
+    assert "evaluation in " not in proc.stdout and "exem-evaluate: segmenter" in proc.stdout
+    assert "translated " in proc.stdout and proc.stdout.count("segmented ") == 3
     with open(out / "evaluation.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["input"] for r in rows] == ["em", "virtual_em", "exm"]

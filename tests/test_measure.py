@@ -309,6 +309,7 @@ def test_cli(world, tmp_path: Path) -> None:
         "names=[antibody,vem]", "positive_threshold={antibody: 1.5}", "block_shape=[4,16,16]", cwd=tmp_path,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
+    assert "wrote " not in ok.stdout  # the library's record of the files: the summary names them
     summary = ok.stdout.strip().splitlines()[-1]
     assert (
         summary.startswith("exem-measure: ")

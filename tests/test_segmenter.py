@@ -100,6 +100,9 @@ def test_train_segmenter_cli(tmp_path):
     for path in files.values():
         assert str(path.name) in proc.stdout
     assert "val   Dice" in proc.stdout and "mito=" in proc.stdout and "membrane=" in proc.stdout
+    assert (
+        "EM segmenter trained" not in proc.stdout and "wrote " not in proc.stdout
+    )  # said once, by the command
     _check_exports(files, TINY["export_patch"], TINY["export_overlap"])
 
 

@@ -24,6 +24,7 @@ from exem.data.synthetic import (
     render_exm,
     write_synthetic_dataset,
 )
+from tests.conftest import run_cli
 
 SMALL = (16, 64, 64)
 VOXEL = (40.0, 10.0, 10.0)
@@ -357,6 +358,17 @@ def test_write_synthetic_dataset(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         out, shape=SMALL, seeds={"lm": 21, "em": 12, "test": 13}, voxel_size_nm=VOXEL, overwrite=True
     )
     assert zarr.open_group(str(paths["exm_train"]), mode="r").attrs["exem_synthetic"]["seed"] == 21
+
+
+def test_synth_cli_lists_each_file_once_in_one_column(tmp_path: Path) -> None:
+    proc = run_cli(
+        "exem-synth", f"out_dir={tmp_path / 'syn'}", f"shape=[{','.join(map(str, SMALL))}]", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = [ln for ln in proc.stdout.splitlines() if ln.split()[0] in NAMES]
+    assert sorted(ln.split()[0] for ln in listed) == sorted(NAMES)
+    assert len({ln.index(str(tmp_path)) for ln in listed}) == 1  # the paths start in one column
+    assert "wrote " not in proc.stdout  # the library's record of each file: the list says it once
 
 
 def test_write_synthetic_dataset_defaults_and_validation(tmp_path: Path) -> None:

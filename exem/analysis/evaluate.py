@@ -49,6 +49,7 @@ from exem.data.volume import Volume, open_volume
 from exem.inference.plan import resolve_region
 from exem.inference.translate import translate_volume
 from exem.panels import PREDICTION_COLOR, TRUTH_COLOR, grid_panel, middle_slice, overlay_mask, save_panel
+from exem.quiet import summary_of
 
 __all__ = ["COLUMNS", "INPUTS", "EvaluationResult", "evaluate", "format_table"]
 
@@ -354,7 +355,7 @@ def evaluate(
     csv_path = _write_csv(rows, folder / CSV_NAME)
     png_path = _figure(images, preds, truth_mask, folder / PNG_NAME)
     seconds = time.perf_counter() - t0
-    log.info("evaluation in %.1f s → %s, %s", seconds, csv_path, png_path)
+    log.info("evaluation in %.1f s → %s, %s", seconds, csv_path, png_path, extra=summary_of("exem-evaluate"))
     return EvaluationResult(
         rows=rows,
         csv=csv_path,

@@ -372,7 +372,7 @@ def measure_objects(
     seconds = time.perf_counter() - t0
     voxels = math.prod(shape)
     log.info(
-        "measured %d objects in %s voxels (%d block(s)) in %.1f s (%.1f Mvoxel/s)",
+        "measured %d objects in %s voxels (%d block(s)) in %.1f s (%.1f Mvox/s)",
         len(merged), fmt_voxels(shape), len(boxes), seconds, voxels / max(seconds, 1e-9) / 1e6,
     )  # fmt: skip
     result = MeasureResult(

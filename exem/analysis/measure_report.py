@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from exem.checks import fmt_voxels
+from exem.quiet import summary_of
 
 __all__ = [
     "BASE_COLUMNS",
@@ -403,5 +404,11 @@ def write_measurements(
     }
     write_table(result, paths["csv"], paths["parquet"], record)
     png = write_figure(result, paths["png"])
-    log.info("wrote %s, %s%s", paths["csv"], paths["parquet"], f", {png}" if png else "")
+    log.info(
+        "wrote %s, %s%s",
+        paths["csv"],
+        paths["parquet"],
+        f", {png}" if png else "",
+        extra=summary_of("exem-measure"),
+    )
     return dataclasses.replace(result, csv=paths["csv"], parquet=paths["parquet"], png=png)

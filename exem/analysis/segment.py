@@ -70,6 +70,7 @@ from exem.inference.output import (
     update_record,
 )
 from exem.inference.plan import BlockPlan, align_block, default_overlap, resolve_region
+from exem.quiet import summary_of
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -475,5 +476,6 @@ def segment_volume(
         res.seconds,
         num,
         out,
+        extra=summary_of("exem-segment"),
     )
     return res

@@ -42,6 +42,7 @@ from exem.checks import positive_ints
 from exem.data.synthetic import DEFAULT_SEEDS, make_phantom, render_em
 from exem.models import AnisotropicUNet3D
 from exem.progress import step_bar
+from exem.quiet import summary_of
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,13 @@ def train_segmenter(
     net.eval()
     train_dice = _dice_per_class(net, train, thr)
     val_dice = _dice_per_class(net, valid, thr)
-    log.info("EM segmenter trained in %.0f s; Dice train %s, validation %s", seconds, train_dice, val_dice)
+    log.info(
+        "EM segmenter trained in %.0f s; Dice train %s, validation %s",
+        seconds,
+        train_dice,
+        val_dice,
+        extra=summary_of("exem-train-segmenter"),
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     names = list(CLASSES)
@@ -330,7 +337,12 @@ def train_segmenter(
                 "overlap": list(export_overlap3),
             },
         )
-        log.info("wrote %s (+ %s)", files[name], files[name].with_suffix(".yaml").name)
+        log.info(
+            "wrote %s (+ %s)",
+            files[name],
+            files[name].with_suffix(".yaml").name,
+            extra=summary_of("exem-train-segmenter"),
+        )
     files.train_dice, files.val_dice = train_dice, val_dice
     files.seconds, files.steps, files.final_loss, files.parameters = seconds, int(steps), final_loss, n_params
     return files

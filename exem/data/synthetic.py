@@ -54,6 +54,7 @@ from exem.data.render import (
     render_em,
     render_exm,
 )
+from exem.quiet import summary_of
 
 log = logging.getLogger(__name__)
 
@@ -299,4 +300,4 @@ def _write_atomic(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %s", path)
+    log.info("wrote %s", path, extra=summary_of("exem-synth"))

@@ -45,6 +45,7 @@ from exem.inference.output import (
     update_record,
 )
 from exem.inference.plan import default_overlap
+from exem.quiet import summary_of
 from exem.trained import TrainedGenerator, as_trained, trained_normalization
 
 __all__ = [
@@ -413,6 +414,7 @@ def translate_volume(
             seconds,
             rate,
             out,
+            extra=summary_of("exem-translate"),
         )
     return TranslateResult(
         output=out,

@@ -1,0 +1,39 @@
+"""A library call's summary record is dropped only from the console of the command that prints it itself."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from exem.quiet import drop_summaries_of, summary_of
+
+
+def _log_three(log: logging.Logger) -> None:
+    log.info("the command's own summary", extra=summary_of("exem-test-a"))
+    log.info("a step's summary", extra=summary_of("exem-test-b"))
+    log.info("progress")
+
+
+def test_a_command_drops_only_its_own_summary_record(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("exem.tests.quiet")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=log.name):
+            _log_three(log)  # a notebook: nothing dropped
+            assert stream.getvalue().splitlines() == [
+                "the command's own summary",
+                "a step's summary",
+                "progress",
+            ]
+            stream.truncate(0)
+            stream.seek(0)
+            drop_summaries_of("exem-test-a")  # what exem-test-a's CLI does to its console
+            _log_three(log)
+    finally:
+        root.removeHandler(handler)
+    assert stream.getvalue().splitlines() == ["a step's summary", "progress"]
