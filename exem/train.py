@@ -39,8 +39,8 @@ class TrainResult:
         lines = [
             f"exem-train: done: {self.batch_step} batches ({self.global_step} optimizer steps)",
             f"  run dir      {self.output_dir}",
-            f"  checkpoint   {self.last_checkpoint}",
-            f"  metrics CSV  {self.metrics_csv}",
+            f"  checkpoint   {self.last_checkpoint or 'none written'}",
+            f"  metrics CSV  {self.metrics_csv or 'none written (no metrics were logged)'}",
         ]
         if self.panels:
             lines.append(
@@ -127,7 +127,16 @@ def train(cfg: DictConfig) -> TrainResult:
     metric_name = cfg.get("optimized_metric")
     metric = metrics.get(metric_name) if metric_name else None
     if metric_name and metric is None:
-        log.warning("optimized_metric %s was not logged (metrics: %s)", metric_name, sorted(metrics))
+        if any(k.startswith("val/") for k in metrics):
+            log.warning("optimized_metric %s was not logged (metrics: %s)", metric_name, sorted(metrics))
+        else:
+            log.warning(
+                "optimized_metric %s was not logged: no validation ran in this run's %d batches (an epoch is %d"
+                " batches; trainer.val_check_interval, trainer.check_val_every_n_epoch)",
+                metric_name,
+                model.batch_step,
+                trainer.num_training_batches,
+            )
     out = Path(cfg.paths.output_dir)
     last = out / "checkpoints" / "last.ckpt"
     csv = next(iter(sorted(out.glob("csv/**/metrics.csv"))), None)

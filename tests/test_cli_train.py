@@ -31,6 +31,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> P
     )
     _ok(proc)
     assert "checkpoint" in proc.stdout and "metrics CSV" in proc.stdout and "image panel" in proc.stdout
+    # Lightning announces "validation will run at the end of the training epoch" only to a config that sets its default
+    assert "validation will run" not in proc.stdout + proc.stderr
     return run_dir
 
 

@@ -63,3 +63,22 @@ def test_missing_mandatory_values_are_named(tmp_path: Path, synthetic_dir: Path)
     )
     with pytest.raises(ConfigError, match=r"data\.em\.path, data\.lm\.path"):
         train(cfg)
+
+
+def test_a_run_too_short_to_validate_says_why(
+    tmp_path: Path, synthetic_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _cfg(
+        tmp_path,
+        synthetic_dir,
+        "data.samples_per_epoch=40",  # an epoch of 20 batches of 2
+        "trainer.max_steps=3",  # one batch
+        "trainer.log_every_n_steps=50",
+        "logger=csv",
+    )
+    with caplog.at_level("WARNING", logger="exem.train"):
+        result = train(cfg)
+    assert result.batch_step == 1 and result.metric is None
+    assert "no validation ran in this run's 1 batches (an epoch is 20 batches" in caplog.text
+    assert result.metrics_csv is None
+    assert "  metrics CSV  none written (no metrics were logged)" in result.summary().splitlines()
