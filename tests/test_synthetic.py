@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 import time
@@ -12,6 +13,7 @@ import pytest
 import zarr
 from scipy import ndimage as ndi
 
+from exem.config import compose_config
 from exem.data.ome import level_scale, read_multiscales
 from exem.data.synthetic import (
     SEMANTIC_CLASSES,
@@ -352,8 +354,14 @@ def test_write_synthetic_dataset(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     np.testing.assert_array_equal(zarr.open_array(str(paths["em_test"] / "0"), mode="r")[...], em_test)
 
     # other settings without overwrite: a clear error; with overwrite: regenerated
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(
+        FileExistsError, match=r"overwrite=true replaces it \(exem-train: synthetic\.overwrite=true\)"
+    ):
         write_synthetic_dataset(out, shape=SMALL, seeds={"lm": 21, "em": 12, "test": 13}, voxel_size_nm=VOXEL)
+    # ... and the key that message names exists in the training config that writes phantoms
+    demo = compose_config(["experiment=demo", "synthetic.overwrite=true"], output_dir=tmp_path / "run")
+    assert demo.synthetic.overwrite is True
+    assert set(demo.synthetic) <= set(inspect.signature(write_synthetic_dataset).parameters)
     write_synthetic_dataset(
         out, shape=SMALL, seeds={"lm": 21, "em": 12, "test": 13}, voxel_size_nm=VOXEL, overwrite=True
     )

@@ -58,6 +58,9 @@ from exem.quiet import summary_of
 
 log = logging.getLogger(__name__)
 
+# How to replace an existing output, from exem-synth, exem-train (its experiment's `synthetic:` node) or Python.
+_REPLACE = "overwrite=true replaces it (exem-train: synthetic.overwrite=true)"
+
 __all__ = [
     "DEFAULT_SEEDS",
     "SAMPLE_CHANNELS",
@@ -127,20 +130,16 @@ def _existing_matches(path: Path, expected: dict, levels: int) -> bool:
         complete = read_multiscales(group) is not None and all(str(i) in group for i in range(levels))
     except Exception as exc:  # any unreadable store is reported the same way
         raise FileExistsError(
-            f"{path} exists but is not a readable OME-Zarr group ({exc}); pass overwrite=True to replace it"
+            f"{path} exists but is not a readable OME-Zarr group ({exc}); {_REPLACE}"
         ) from exc
     if not complete or not isinstance(found, dict):
-        raise FileExistsError(
-            f"{path} exists but is not a complete exem synthetic output; pass overwrite=True to replace it"
-        )
+        raise FileExistsError(f"{path} exists but is not a complete exem synthetic output; {_REPLACE}")
     keys = ("seed", "kind", "shape", "voxel_size_nm", "content")
     differ = [k for k in keys if found.get(k) != expected[k]]
     if differ:
         have = ", ".join(f"{k}={found.get(k)}" for k in differ)
         want = ", ".join(f"{k}={expected[k]}" for k in differ)
-        raise FileExistsError(
-            f"{path} exists with {have}, not {want}; pass overwrite=True or use another out_dir"
-        )
+        raise FileExistsError(f"{path} exists with {have}, not {want}; {_REPLACE}, or use another out_dir")
     if found.get("version") != expected["version"]:  # our own output, from an older phantom generator
         log.info(
             "%s was written by phantom generator version %s; regenerating it", path, found.get("version")
