@@ -33,6 +33,8 @@ def test_a_command_drops_only_its_own_summary_record(caplog: pytest.LogCaptureFi
             stream.truncate(0)
             stream.seek(0)
             drop_summaries_of("exem-test-a")  # what exem-test-a's CLI does to its console
+            drop_summaries_of("exem-test-a")  # again (a Hydra multirun: one run per job): still one filter
+            assert len(handler.filters) == 1
             _log_three(log)
     finally:
         root.removeHandler(handler)
