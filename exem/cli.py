@@ -23,6 +23,10 @@ from exem.startup import preload
 __all__ = ["CONF_DIR"]
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return "Tip:" not in record.getMessage()
+
+
 def _tidy_logging(prog: str) -> None:
     """One copy of each log line (Hydra's handler, not Lightning's own), no advertising tips, and no library summary
     line that ``prog`` prints itself."""
@@ -31,7 +35,7 @@ def _tidy_logging(prog: str) -> None:
         for handler in list(lg.handlers):
             lg.removeHandler(handler)
         lg.propagate = True
-    logging.getLogger(LIGHTNING_ANNOUNCER).addFilter(lambda r: "Tip:" not in r.getMessage())
+    logging.getLogger(LIGHTNING_ANNOUNCER).addFilter(_not_a_tip)  # (once however often: the same function)
     silence_lightning_noise()
     drop_summaries_of(prog)
 
