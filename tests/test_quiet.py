@@ -39,3 +39,26 @@ def test_a_command_drops_only_its_own_summary_record(caplog: pytest.LogCaptureFi
     finally:
         root.removeHandler(handler)
     assert stream.getvalue().splitlines() == ["a step's summary", "progress"]
+
+
+def test_a_command_hides_lightning_tips_once_however_often_it_runs() -> None:
+    from exem.cli import _tidy_logging
+    from exem.quiet import LIGHTNING_ANNOUNCER
+
+    announcer = logging.getLogger(LIGHTNING_ANNOUNCER)
+    before = list(announcer.filters)
+    try:
+        _tidy_logging("exem-test-a")
+        _tidy_logging("exem-test-a")  # a multirun's second job
+        added = [f for f in announcer.filters if f not in before]
+        assert len(added) <= 1 and len(announcer.filters) == len(before) + len(added)
+
+        def shown(message: str) -> bool:
+            return bool(
+                announcer.filter(announcer.makeRecord(announcer.name, logging.INFO, "", 0, message, (), None))
+            )
+
+        assert not shown("💡 Tip: For seamless cloud uploads, try installing litmodels")
+        assert shown("GPU available: False, used: False")
+    finally:
+        announcer.filters[:] = before
