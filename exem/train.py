@@ -37,7 +37,7 @@ class TrainResult:
     def summary(self) -> str:
         """What ``exem-train`` prints at the end: batches, where the outputs are, the validation metrics."""
         lines = [
-            f"exem-train: done: {self.batch_step} batches ({self.global_step} optimizer steps)",
+            f"exem-train: done: {_count(self.batch_step, 'batch', 'batches')} ({self.global_step} optimizer steps)",
             f"  run dir      {self.output_dir}",
             f"  checkpoint   {self.last_checkpoint or 'none written'}",
             f"  metrics CSV  {self.metrics_csv or 'none written (no metrics were logged)'}",
@@ -50,6 +50,10 @@ class TrainResult:
         if shown:
             lines.append("  validation   " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         return "\n".join(lines)
+
+
+def _count(n: float, one: str, many: str) -> str:
+    return f"{n:g} {one if n == 1 else many}"
 
 
 def _instantiate_group(group: Mapping[str, Any] | None) -> list[Any]:
@@ -131,11 +135,11 @@ def train(cfg: DictConfig) -> TrainResult:
             log.warning("optimized_metric %s was not logged (metrics: %s)", metric_name, sorted(metrics))
         else:
             log.warning(
-                "optimized_metric %s was not logged: no validation ran in this run's %d batches (an epoch is %d"
-                " batches; trainer.val_check_interval, trainer.check_val_every_n_epoch)",
+                "optimized_metric %s was not logged: no validation ran in this run's %s (an epoch is %s;"
+                " trainer.val_check_interval, trainer.check_val_every_n_epoch)",
                 metric_name,
-                model.batch_step,
-                trainer.num_training_batches,
+                _count(model.batch_step, "batch", "batches"),
+                _count(trainer.num_training_batches, "batch", "batches"),
             )
     out = Path(cfg.paths.output_dir)
     last = out / "checkpoints" / "last.ckpt"

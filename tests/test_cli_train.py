@@ -33,6 +33,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> P
     assert "checkpoint" in proc.stdout and "metrics CSV" in proc.stdout and "image panel" in proc.stdout
     # Lightning announces "validation will run at the end of the training epoch" only to a config that sets its default
     assert "validation will run" not in proc.stdout + proc.stderr
+    # exem's model table (exem.model_table), not Lightning's with its FLOPs of 0 and per-mode module counts
+    assert "parameters (all trainable)" in proc.stdout and "AnisotropicUNet3D" in proc.stdout
+    assert "FLOPs" not in proc.stdout and "train mode" not in proc.stdout
     return run_dir
 
 

@@ -79,6 +79,8 @@ def test_a_run_too_short_to_validate_says_why(
     with caplog.at_level("WARNING", logger="exem.train"):
         result = train(cfg)
     assert result.batch_step == 1 and result.metric is None
-    assert "no validation ran in this run's 1 batches (an epoch is 20 batches" in caplog.text
+    assert "no validation ran in this run's 1 batch (an epoch is 20 batches;" in caplog.text
     assert result.metrics_csv is None
-    assert "  metrics CSV  none written (no metrics were logged)" in result.summary().splitlines()
+    lines = result.summary().splitlines()
+    assert lines[0] == "exem-train: done: 1 batch (3 optimizer steps)"
+    assert "  metrics CSV  none written (no metrics were logged)" in lines
