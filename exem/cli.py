@@ -28,8 +28,8 @@ def _not_a_tip(record: logging.LogRecord) -> bool:
 
 
 def _tidy_logging(prog: str) -> None:
-    """One copy of each log line (Hydra's handler, not Lightning's own), no advertising tips, and no library summary
-    line that ``prog`` prints itself."""
+    """One copy of each log line (Hydra's handler, not Lightning's own), no advertising tips, no HTTP request log,
+    and no library summary line that ``prog`` prints itself."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         for handler in list(lg.handlers):
@@ -38,6 +38,9 @@ def _tidy_logging(prog: str) -> None:
     logging.getLogger(LIGHTNING_ANNOUNCER).addFilter(_not_a_tip)  # (once however often: the same function)
     silence_lightning_noise()
     drop_summaries_of(prog)
+    # one INFO line per HTTP request (bioimageio.core's package test checks every URL of a description: 18 lines
+    # for one cite URL); failures still show as warnings
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def command(

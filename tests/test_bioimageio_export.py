@@ -128,3 +128,25 @@ def test_too_small_a_test_volume_is_one_line_and_writes_no_package(
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert code != 0 and lines[-1].startswith("exem-export: error:") and "too small" in lines[-1], stderr
     assert not (out / "bioimageio").exists() and not list(out.glob("*.zip"))
+
+
+def test_the_test_volume_is_judged_by_the_training_normalisation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from exem.bioimageio.export import _test_input
+    from exem.trained import TrainedGenerator
+
+    # a dark 12-bit-like uint16 volume, as the synthetic ExM: its dtype's range would make every patch dark
+    volume = np.random.default_rng(0).integers(100, 4000, (8, 32, 32)).astype(np.uint16)
+    path = tmp_path / "dark.zarr"
+    zarr.create_array(str(path), shape=volume.shape, dtype="uint16", chunks=(8, 32, 32))[:] = volume
+    trained = TrainedGenerator(
+        AnisotropicUNet3D(widths=(4, 8)), lm_normalization={"percentiles": [0.5, 99.8]}
+    )
+    with caplog.at_level("WARNING"):
+        raw = _test_input(trained, path, (8, 32, 32), seed=0)
+    assert np.array_equal(raw, volume)  # raw values, as the package's test input
+    assert "dark" not in caplog.text  # the generator was trained on percentiles: no dtype-range warning
+    with caplog.at_level("WARNING"):
+        _test_input(TrainedGenerator(AnisotropicUNet3D(widths=(4, 8))), path, (8, 32, 32), seed=0)
+    assert "dark" in caplog.text  # no training record: the dtype's range, and the warning is right

@@ -41,12 +41,13 @@ def test_a_command_drops_only_its_own_summary_record(caplog: pytest.LogCaptureFi
     assert stream.getvalue().splitlines() == ["a step's summary", "progress"]
 
 
-def test_a_command_hides_lightning_tips_once_however_often_it_runs() -> None:
+def test_a_command_hides_lightning_tips_once_and_http_request_lines() -> None:
     from exem.cli import _tidy_logging
     from exem.quiet import LIGHTNING_ANNOUNCER
 
     announcer = logging.getLogger(LIGHTNING_ANNOUNCER)
     before = list(announcer.filters)
+    httpx_level = logging.getLogger("httpx").level
     try:
         _tidy_logging("exem-test-a")
         _tidy_logging("exem-test-a")  # a multirun's second job
@@ -60,5 +61,7 @@ def test_a_command_hides_lightning_tips_once_however_often_it_runs() -> None:
 
         assert not shown("💡 Tip: For seamless cloud uploads, try installing litmodels")
         assert shown("GPU available: False, used: False")
+        assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING  # no line per HTTP request
     finally:
         announcer.filters[:] = before
+        logging.getLogger("httpx").setLevel(httpx_level)

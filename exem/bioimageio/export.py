@@ -108,8 +108,15 @@ def _test_input(trained: TrainedGenerator, test_volume: Any, patch: Sequence[int
     """A raw ``(Z, Y, X)`` ExM patch: the centre of ``test_volume``, or a synthetic ExM phantom."""
     if test_volume is not None:
         from exem.data.volume import Volume, open_volume
+        from exem.trained import trained_normalization
 
-        volume = test_volume if isinstance(test_volume, Volume) else open_volume(test_volume)
+        # opened as the generator's training data were (only raw values are read here, but the open's dark-data
+        # check would otherwise judge the volume by its dtype's range, not by the normalisation the package uses)
+        if isinstance(test_volume, Volume):
+            volume = test_volume
+        else:
+            intensity_range, percentiles = trained_normalization(trained)
+            volume = open_volume(test_volume, intensity_range=intensity_range, percentiles=percentiles)
         starts = [max(0, (s - p) // 2) for s, p in zip(volume.shape, patch, strict=True)]
         box = tuple(slice(a, a + min(p, s)) for a, p, s in zip(starts, patch, volume.shape, strict=True))
         return np.asarray(volume.read(box))  # type: ignore[arg-type]
