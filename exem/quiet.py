@@ -70,15 +70,10 @@ class _DropSummaryOf(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return getattr(record, SUMMARY_ATTR, None) != self.prog
 
-    def __eq__(self, other: object) -> bool:  # one per handler and command, however often a multirun asks
-        return isinstance(other, _DropSummaryOf) and other.prog == self.prog
-
-    def __hash__(self) -> int:
-        return hash(self.prog)
-
 
 def drop_summaries_of(prog: str) -> None:
     """Drop records marked :func:`summary_of` ``(prog)`` at every handler of the root logger (the console a CLI's
     Hydra logging set up); other records, and other commands' summaries (a step of ``prog``), still show."""
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropSummaryOf(prog))  # (logging skips a filter equal to one it has)
+    for handler in logging.getLogger().handlers:  # once each, however often a multirun asks
+        if not any(isinstance(f, _DropSummaryOf) and f.prog == prog for f in handler.filters):
+            handler.addFilter(_DropSummaryOf(prog))
