@@ -1,16 +1,18 @@
 # exem developer targets. Everything runs inside .venv, created on first use.
 PYTHON ?= python3
 VENV ?= .venv
+# pip arguments for PyTorch, installed before exem (shell words: a CUDA build adds its index,
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"; quote a range inside: "'torch>=2.13,<2.14'").
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint format clean bench
+.PHONY: install demo test test-slow lint format clean bench bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -60,6 +62,31 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine_ceiling.py > $(BENCH_DIR)/engine_ceiling.log
 	$(PY) benchmarks/ratios.py $(BENCH_DIR)/translate_overhead.log $(BENCH_DIR)/translate.log $(BENCH_DIR)/train.log \
 		$(BENCH_DIR)/seams.log $(BENCH_DIR)/engine_ceiling.log
+
+BENCH_GPU_DIR ?= outputs/bench-gpu
+SEAMS_CHECKPOINT ?=
+CUDA_CHECK := import sys, torch; sys.exit(None if torch.cuda.is_available() else f"bench-gpu: torch {torch.__version__} \
+	sees no CUDA device; run it on a GPU host in a .venv made with a CUDA build (make clean; make bench-gpu TORCH_SPEC=...)")
+
+# GPU figures of issue 13 (benchmarks/RESULTS.md; estimated 15 minutes on one H100, not yet run): the default training
+# step of the published generator, the engine ceiling, translation side by side with the published stitching, and
+# exem-translate end to end on 128x2048x2048; each goal printed last, met or not. SEAMS_CHECKPOINT=<a published-width
+# exem-train last.ckpt> adds the seams at 12.5 % overlap and at a patch twice the training patch in-plane. A failed
+# benchmark does not stop the others (its log has no JSON line, which ratios.py reports).
+bench-gpu: $(STAMP)
+	$(PY) -c '$(CUDA_CHECK)'
+	mkdir -p $(BENCH_GPU_DIR)
+	rm -f $(BENCH_GPU_DIR)/*.log
+	-$(PY) benchmarks/bench_train.py --size published --device cuda > $(BENCH_GPU_DIR)/train.log
+	-$(PY) benchmarks/engine_ceiling.py --device cuda --shape 128 2048 2048 --repeats 3 --baseline 0 \
+		> $(BENCH_GPU_DIR)/engine_ceiling.log
+	-$(PY) benchmarks/bench_translate.py --size published --device cuda > $(BENCH_GPU_DIR)/translate.log
+	-$(PY) benchmarks/bench_translate.py --size large --device cuda > $(BENCH_GPU_DIR)/translate_large.log
+	-$(PY) benchmarks/bench_translate.py --size large --device cuda --cli-args batch_size=32 num_workers=8 \
+		> $(BENCH_GPU_DIR)/translate_large_b32.log
+	-$(if $(SEAMS_CHECKPOINT),$(PY) benchmarks/seams.py --checkpoint $(SEAMS_CHECKPOINT) --shape 32 1024 1024 \
+		--patch 16 256 256 --larger 512 --png $(BENCH_GPU_DIR)/seams.png > $(BENCH_GPU_DIR)/seams.log)
+	$(PY) benchmarks/ratios.py $(BENCH_GPU_DIR)/*.log
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -8,11 +8,12 @@ on a GPU):
 
 1. **steps**: one training batch (G, D_A, D_B) of exem (``ExEMModule.train_batch`` with the configured
    optimizers; variants: ``fp32``/``bf16`` autocast, ``-cl`` channels_last_3d, ``-compile`` torch.compile,
-   ``-ckpt`` activation checkpointing) against the published step (``benchmarks/baseline_published.py``: strict
-   fp32, anomaly detection, plain Adam), from the same weights, on the same batches. ms/step, voxels/s (patch
-   voxels × batch per step), peak memory (CUDA: max_memory_allocated; CPU: peak RSS over the run, from before
-   the networks were built), and MFLOP per voxel (``torch.utils.flop_counter``) with, on a GPU, the share of the
-   bf16 floor reached.
+   ``-ckpt`` activation checkpointing; first exem's default on the device as conf/ sets it, ``bf16-compile`` on
+   CUDA and ``fp32`` on the CPU: its figures are ``exem_ms`` and ``exem_peak_gib``) against the published step
+   (``benchmarks/baseline_published.py``: strict fp32, anomaly detection, plain Adam), from the same weights, on
+   the same batches. ms/step, voxels/s (patch voxels × batch per step), peak memory (CUDA: max_memory_allocated;
+   CPU: peak RSS over the run, from before the networks were built), and MFLOP per voxel
+   (``torch.utils.flop_counter``) with, on a GPU, the share of the bf16 floor reached.
 2. **lightning** (``--size tiny``): the same ExEMModule driven by a Lightning Trainer (CSV logger, LR monitor,
    ``log_every_n_steps=10``, no progress bar, no checkpoints) vs by a plain PyTorch loop over the same batches
    with the same optimizers: median time between consecutive batch starts. The weights of both runs are
@@ -93,8 +94,35 @@ SIZES: dict[str, dict[str, Any]] = {
         "data_batches": 30,
     },
 }
-DEFAULT_VARIANTS = {"cpu": "fp32", "cuda": "bf16,fp32,bf16-cl,bf16-cl-compile,bf16-ckpt"}
-FLAGS = {"cl", "compile", "ckpt"}
+# Measured after exem's own default (first: the run's ``exem_ms``), on a GPU for comparison with it.
+OTHER_VARIANTS = {"cpu": (), "cuda": ("bf16", "fp32", "bf16-cl", "bf16-cl-compile", "bf16-ckpt")}
+FLAGS = ("cl", "compile", "ckpt")
+
+
+def default_variant(device: torch.device) -> str:
+    """What ``exem-train`` does on ``device`` by default, as a variant name (e.g. ``bf16-compile`` on CUDA).
+
+    The precision of ``conf/trainer/gpu.yaml`` (CUDA) or ``cpu.yaml``, the switches of ``conf/model/exem.yaml``.
+    """
+    from exem.perf import switch_on
+
+    trainer = OmegaConf.load(
+        REPO / "conf" / "trainer" / ("gpu.yaml" if device.type == "cuda" else "cpu.yaml")
+    )
+    model = OmegaConf.load(MODEL_CONF)
+    on = {
+        "cl": switch_on(model.channels_last, device),
+        "compile": switch_on(model.torch_compile, device),
+        "ckpt": bool(model.generator.activation_checkpointing),
+    }
+    precision = "bf16" if str(trainer.precision).startswith("bf16") else "fp32"
+    return "-".join([precision, *(flag for flag in FLAGS if on[flag])])
+
+
+def default_variants(device: torch.device) -> list[str]:
+    """exem's default on ``device`` first, then the others measured there."""
+    first = default_variant(device)
+    return [first, *(v for v in OTHER_VARIANTS[device.type] if v != first)]
 
 
 def model_config(size: dict[str, Any], variant: str = "fp32") -> dict[str, Any]:
@@ -119,7 +147,7 @@ def model_config(size: dict[str, Any], variant: str = "fp32") -> dict[str, Any]:
 
 def parse_variant(variant: str) -> tuple[str, set[str]]:
     precision, *flags = variant.split("-")
-    if precision not in ("fp32", "bf16") or not set(flags) <= FLAGS:
+    if precision not in ("fp32", "bf16") or not set(flags) <= set(FLAGS):
         raise SystemExit(f"bad variant {variant!r}: fp32|bf16 followed by any of -cl -compile -ckpt")
     return precision, set(flags)
 
@@ -335,7 +363,9 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument(
-        "--variants", default=None, help="comma list, e.g. bf16,bf16-cl-compile (default per device)"
+        "--variants",
+        default=None,
+        help="comma list, e.g. bf16,bf16-cl-compile (default: exem's default on the device first, then others)",
     )
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default per size)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -350,7 +380,7 @@ def main() -> None:
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as conf/trainer/gpu.yaml
-    variants = (args.variants or DEFAULT_VARIANTS[device.type]).split(",")
+    variants = args.variants.split(",") if args.variants else default_variants(device)
     skip = set(filter(None, args.skip.split(",")))
     steps = args.steps or size["steps"]
     result: dict[str, Any] = {

@@ -2,6 +2,8 @@
 
     python benchmarks/seams.py                       # CPU, ~1 min: random + demo generators if present
     python benchmarks/seams.py --checkpoint run/checkpoints/last.ckpt --png outputs/bench/seams.png
+    python benchmarks/seams.py --checkpoint <published-width last.ckpt> --shape 32 1024 1024 --patch 16 256 256 \
+        --larger 512                                 # GPU: the published generator at its training patch and 2×
 
 A synthetic ExM phantom is translated with the engine (``translate_volume``, float32 output) at several overlaps
 (fractions of the patch per axis), and :func:`exem.inference.seams.seam_visibility` compares the mean intensity step
@@ -95,9 +97,10 @@ def main() -> None:
     else:
         print(f"no checkpoint at {args.checkpoint}: only the freshly initialised generator")
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # translate_volume's own choice
     result: dict[str, object] = {
         "bench": "seams",
-        "device": "cpu",
+        "device": device.type,
         "shape": list(shape),
         "patch": list(patch),
     }
@@ -147,7 +150,7 @@ def main() -> None:
         save_panel(grid_panel([[slices[n] for n in names]], [names]), args.png)
         print(f"picture → {args.png}")
     result["default_fraction"] = DEFAULT_OVERLAP_FRACTION
-    result["machine"] = machine(torch.device("cpu"))
+    result["machine"] = machine(device)
     print(json.dumps(result))
 
 
