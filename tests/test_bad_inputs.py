@@ -382,6 +382,8 @@ CASES: list[Case] = [
          lambda w: _translate(w, "experiment=demo"), "this command has no experiment= option", slow=True),
     Case("translate-bad-dtype", X, "output dtype not supported",
          lambda w: _translate(w, "dtype=int16"), "dtype must be one of", slow=True),
+    Case("translate-weight-precision", X, "a trainer precision that converts the weights (bf16-true)",
+         lambda w: _translate(w, "trainer.precision=bf16-true"), "cannot run inference"),
     # --- translation output
     Case("translate-output-exists", X, "output is a finished translation",
          lambda w: _translate(w, out=str(w.done_translation)), "exists (complete); use overwrite=true",

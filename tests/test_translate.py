@@ -445,3 +445,49 @@ def test_compile_auto_means_large_volumes_on_a_gpu() -> None:
     assert compile_wanted("auto", COMPILE_AUTO_VOXELS - 1, None) is False
     with pytest.raises(ValueError, match="compile \\(true, false or auto\\) must be one of auto, got 'yes'"):
         compile_wanted("yes", 10, None)
+
+
+class _AutocastProbe(torch.nn.Module):
+    """Identity that notes, per call, whether autocast is on for the CPU and with which dtype."""
+
+    divisor = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return x
+
+
+def test_the_network_runs_under_the_trainers_mixed_precision(exm, tmp_path) -> None:
+    """exem-translate trainer=gpu means bf16-mixed: the network must run under bf16 autocast. The engine's own
+    autocast context (disabled when no dtype was given) used to switch off the one Lightning wraps around
+    predict_step, so a GPU trainer ran the generator in float32. Shown here with a CPU trainer in bf16-mixed."""
+    import lightning as L
+
+    kw = {**KW, "roi": [0, 8, 0, 64, 0, 64], "dtype": "float32"}
+
+    def trainer(precision: str) -> L.Trainer:
+        return L.Trainer(
+            accelerator="cpu", devices=1, precision=precision, logger=False, enable_progress_bar=False
+        )
+
+    for precision, given, expected in (
+        ("bf16-mixed", None, "bfloat16"),
+        ("32-true", None, None),
+        ("32-true", "float16", "float16"),  # an explicit dtype wins
+    ):
+        net = _AutocastProbe()
+        out = tmp_path / f"{precision}_{given}.ome.zarr"
+        translate_volume(net, exm, out, trainer=trainer(precision), autocast_dtype=given, **kw)
+        want = (True, getattr(torch, expected)) if expected else (False,)
+        assert net.seen and all(seen[: len(want)] == want for seen in net.seen), (precision, net.seen[:1])
+        assert zarr.open_group(str(out), mode="r").attrs["exem"]["autocast_dtype"] == expected
+    with pytest.raises(
+        ValueError, match=r"^trainer.precision=bf16-true cannot run inference .*32-true, bf16-mixed"
+    ):
+        translate_volume(
+            _AutocastProbe(), exm, tmp_path / "true.ome.zarr", trainer=trainer("bf16-true"), **kw
+        )

@@ -58,7 +58,7 @@ from exem.data.channels import VIRTUAL_EM_CHANNEL
 from exem.data.errors import channel_option
 from exem.data.ome import RECORD_ATTRIBUTE, create_group, is_group, ngff_version_of, write_image_label
 from exem.data.volume import Volume
-from exem.inference.engine import run_blockwise
+from exem.inference.engine import autocast_for, run_blockwise
 from exem.inference.job import open_input, plan_job
 from exem.inference.output import (
     GRID_KEYS,
@@ -284,7 +284,8 @@ def segment_volume(
         num_workers: reader processes; None → 0 on the CPU, 2 on a GPU.
         chunks: output chunks (z, y, x); None → ``(2·patch_z, 256, 256)`` capped by the shape.
         trainer: a Lightning Trainer (e.g. DDP); None → one device, chosen automatically.
-        autocast_dtype: ``bfloat16``/``float16`` autocast for the network (GPU); None → float32.
+        autocast_dtype: ``bfloat16``/``float16`` autocast for the network (GPU); None → the trainer's mixed
+            precision (``bf16-mixed``: bfloat16; :func:`~exem.inference.engine.autocast_for`), else float32.
         progress: rich progress bars on stderr.
         ngff_version: ``"0.5"`` (OME-Zarr 0.5 on Zarr v3) or ``"0.4"`` (Zarr v2) for the whole output.
         shards: (z, y, x) voxels per shard file of the probabilities and labels (Zarr v3 sharding, whole chunks;
@@ -367,6 +368,7 @@ def segment_volume(
     )
     plan = job.plan
     shape = plan.shape
+    autocast_dtype = autocast_for(trainer, autocast_dtype)
     assert plan.chunks is not None
     lblock = align_block(shape, plan.chunks, plan.levels, label_block, "label_block", shards=plan.shards)
     if opts["kind"] == "boundary":

@@ -54,6 +54,7 @@ __all__ = [
     "OUT_DTYPES",
     "BlockPredictor",
     "BlockwiseResult",
+    "autocast_for",
     "default_block_voxels",
     "default_num_workers",
     "default_trainer",
@@ -355,6 +356,39 @@ def on_cpu(trainer: L.Trainer | None) -> bool:
     return not torch.cuda.is_available()
 
 
+# Lightning precisions an inference run can take, and the autocast dtype each means for the network.
+_PRECISION_AUTOCAST: dict[str, str | None] = {
+    "32-true": None,
+    "bf16-mixed": "bfloat16",
+    "16-mixed": "float16",
+}
+
+
+def autocast_for(trainer: L.Trainer | None, autocast_dtype: str | torch.dtype | None = None) -> str | None:
+    """The autocast dtype a run's network uses: ``autocast_dtype`` when given, else the trainer's mixed precision
+    (``bf16-mixed`` → ``"bfloat16"``, ``16-mixed`` → ``"float16"``, ``32-true`` or no trainer → None: float32).
+
+    The engine runs the network inside its own ``torch.autocast`` (enabled or not), which overrides the one
+    Lightning's precision plugin wraps around ``predict_step``; so the trainer's precision must be read here.
+
+    Raises:
+        ValueError: a precision that converts the network's weights (``bf16-true``, ``16-true``, ``64-true``, …):
+            the engine feeds float32 batches.
+    """
+    if autocast_dtype is not None:
+        dtype = _torch_dtype(autocast_dtype)
+        return "bfloat16" if dtype == torch.bfloat16 else "float16"
+    if trainer is None:
+        return None
+    precision = str(trainer.precision)
+    if precision not in _PRECISION_AUTOCAST:
+        raise ValueError(
+            f"trainer.precision={precision} cannot run inference (it converts the network's weights); use "
+            f"{', '.join(_PRECISION_AUTOCAST)}"
+        )
+    return _PRECISION_AUTOCAST[precision]
+
+
 def default_num_workers(trainer: L.Trainer | None) -> int:
     """Reader processes when none are configured: ``DEFAULT_NUM_WORKERS`` for an accelerator, which must be fed
     while it computes; 0 on the CPU, where compute is the bottleneck and readers would only compete with torch for
@@ -424,7 +458,8 @@ def run_blockwise(
         out_dtype: ``uint8`` | ``float16`` | ``float32`` (must match the arrays).
         num_workers: DataLoader reader processes (0: read in the main process); None → :func:`default_num_workers`.
         trainer: a Lightning Trainer (e.g. ``strategy="ddp"``); None → :func:`default_trainer`.
-        autocast_dtype: ``bfloat16``/``float16`` to run the network under autocast; None → float32.
+        autocast_dtype: ``bfloat16``/``float16`` to run the network under autocast; None → the trainer's
+            (:func:`autocast_for`: bf16 under ``bf16-mixed``, float32 under ``32-true`` or without a trainer).
         progress: rich progress bar on stderr (global rank 0).
         compile: ``torch.compile`` the network (see :class:`BlockPredictor`).
         write_workers: threads writing chunk rows; None → 1 on the CPU, :data:`GPU_WRITE_WORKERS` on a GPU.
@@ -444,6 +479,7 @@ def run_blockwise(
     """
     root = local_root(output)
     one_of(out_dtype, OUT_DTYPES, "dtype")
+    autocast_dtype = autocast_for(trainer, autocast_dtype)
     if on_cpu(trainer):
         keep_freed_memory()  # large tensors reuse the heap instead of fresh pages (exem/allocator.py)
     levels = int(plan.levels)

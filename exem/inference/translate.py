@@ -34,7 +34,7 @@ from exem.inference.companions import (
     storage_dtype,
     write_companions,
 )
-from exem.inference.engine import OUT_DTYPES, on_cpu, run_blockwise
+from exem.inference.engine import OUT_DTYPES, autocast_for, on_cpu, run_blockwise
 from exem.inference.job import check_patch, open_input, plan_job
 from exem.inference.output import (
     GRID_KEYS,
@@ -259,7 +259,8 @@ def translate_volume(
         other_channels: with ``channel``, write the input's other channels (antibodies) beside the virtual EM: the
             output is then one ``(C, Z, Y, X)`` OME-Zarr, channel 0 ``virtual_em`` (:mod:`exem.inference.companions`).
         chunks: output chunk shape (z, y, x); None → ``(2·patch_z, 256, 256)`` capped by the shape.
-        autocast_dtype: ``bfloat16``/``float16`` to run the generator under autocast (GPU); None → float32.
+        autocast_dtype: ``bfloat16``/``float16`` to run the generator under autocast (GPU); None → the trainer's
+            mixed precision (``bf16-mixed``: bfloat16; :func:`~exem.inference.engine.autocast_for`), else float32.
         progress: show a progress bar (blocks, Mvox/s) on stderr.
         resample: when the generator was trained at another voxel size than the input's (``voxel_size_nm`` of
             :func:`~exem.checkpoints.load_generator`, or ``model_voxel_size_nm``), resample on the fly;
@@ -330,6 +331,7 @@ def translate_volume(
         shards=shards,
     )
     plan = job.plan
+    autocast_dtype = autocast_for(trainer, autocast_dtype)
     scale = None if resampled is None else {"output": resampled, "model_voxel_size_nm": list(model_nm or [])}
     record = job.record(
         sigma=float(sigma),
