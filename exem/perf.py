@@ -53,14 +53,19 @@ def compile_or_eager(net: nn.Module, backend: str | object = "inductor") -> None
     Compilation happens at the first call (and again for new input shapes): a failure there
     (``torch._dynamo`` / inductor raise a ``TorchDynamoException``) logs one warning, un-compiles ``net`` and
     repeats the call eagerly; later calls run eagerly. Errors of the network itself pass through.
+
+    The backward graph is compiled in that same call, not lazily at the first ``backward()`` (AOTAutograd's
+    default), so that its failures fall back too instead of escaping from the training step.
     """
     from torch._dynamo.exc import TorchDynamoException
+    from torch._functorch import config as functorch_config
 
     compiled = torch.compile(net._call_impl, backend=backend)
 
     def call(*args: object, **kwargs: object) -> object:
         try:
-            return compiled(*args, **kwargs)
+            with functorch_config.patch(force_non_lazy_backward_lowering=True):
+                return compiled(*args, **kwargs)
         except TorchDynamoException as exc:
             first = " ".join(str(exc).split())[:200]
             log.warning("torch.compile failed for %s (%s); running it eagerly", type(net).__name__, first)

@@ -291,6 +291,36 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(caplog) -> None:
     assert net._compiled_call_impl is None  # eager from then on
 
 
+def test_a_backward_compile_failure_also_falls_back_to_eager(caplog) -> None:
+    """AOTAutograd compiles the backward lazily, at the first backward(): a failure there escaped from the
+    training step. It is now compiled in the forward call, where the fallback catches it."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from exem.models import AnisotropicUNet3D
+    from exem.perf import compile_or_eager
+
+    def failing_backward(gm, example_inputs):  # noqa: ANN001, ANN202
+        raise RuntimeError("no backward compiler here")
+
+    backend = aot_autograd(
+        fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=failing_backward
+    )
+    x = torch.rand(1, 1, 2, 16, 16)
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = AnisotropicUNet3D(widths=(2, 4))
+        if compiled:
+            compile_or_eager(net, backend=backend)
+        with caplog.at_level("WARNING", logger="exem.perf"):
+            net(x).square().mean().backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1
+    assert net._compiled_call_impl is None
+
+
 def test_compile_is_on_by_default_on_cuda_only() -> None:
     """model.torch_compile defaults to auto (YAML and code): on for a CUDA device, off on the CPU."""
     from exem.perf import PerfSwitches, switch_on
