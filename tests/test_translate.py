@@ -433,6 +433,24 @@ def test_module_state_kept_restores_dtype_buffers_and_modes() -> None:
     assert net.training and not net.blocks_eval.training
 
 
+def test_compile_true_compiles_the_callers_network_for_the_run_only() -> None:
+    """translate_volume(compile=true) on a generator still being trained must not leave it compiled (later
+    training shapes would recompile, and past the recompile limit silently run eagerly)."""
+    from exem.inference.engine import module_state_kept
+    from exem.perf import compile_or_eager
+
+    net = _Recording()
+    with module_state_kept(net):
+        compile_or_eager(net, backend="eager")  # what BlockPredictor.configure_model does
+        assert net._compiled_call_impl is not None
+    assert net._compiled_call_impl is None
+    compile_or_eager(net, backend="eager")  # compiled by its owner: stays so
+    own = net._compiled_call_impl
+    with module_state_kept(net):
+        net._compiled_call_impl = None  # e.g. a compile failure's fallback during the run
+    assert net._compiled_call_impl is own
+
+
 def test_compile_auto_means_large_volumes_on_a_gpu() -> None:
     import lightning as L
 

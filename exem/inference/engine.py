@@ -324,7 +324,7 @@ def default_trainer(**overrides: Any) -> L.Trainer:
 @contextlib.contextmanager
 def module_state_kept(net: nn.Module) -> Iterator[None]:
     """Give the caller's ``net`` back as it came: each parameter and buffer on its device and in its dtype, each
-    submodule in its train/eval mode.
+    submodule in its train/eval mode, compiled or not (``compile=true`` compiles it for the run only).
 
     Lightning puts the module it predicts with in eval mode and, when the run ends, moves it to the CPU; ``net``
     is a submodule of that module and is the caller's own (e.g. a generator still being trained on a GPU).
@@ -335,9 +335,13 @@ def module_state_kept(net: nn.Module) -> Iterator[None]:
         (m, name, b.device, b.dtype) for m in net.modules() for name, b in m.named_buffers(recurse=False)
     ]
     modes = [(m, m.training) for m in net.modules()]
+    compiled = getattr(
+        net, "_compiled_call_impl", None
+    )  # nn.Module.compile's hook (exem.perf.compile_or_eager)
     try:
         yield
     finally:
+        net._compiled_call_impl = compiled
         for p, device, dtype in params:  # .to()/.cpu() change parameters in place (p.data)
             if p.device != device or p.dtype != dtype:
                 p.data = p.data.to(device=device, dtype=dtype)
