@@ -173,3 +173,21 @@ def test_distribution_distance_subsamples_deterministically():
 def test_distribution_distance_rejects_non_3d():
     with pytest.raises(ValueError, match=r"\(Z, Y, X\)"):
         distribution_distance(np.zeros((4, 4)), np.zeros((4, 4, 4)))
+
+
+def test_image_metrics_are_float32_under_a_bf16_autocast():
+    """Validation on a GPU runs under bf16-mixed autocast: SSIM's convolutions must not run in bfloat16 there
+    (shown with the CPU's bf16 autocast, which also casts convolutions)."""
+    from exem.analysis.metrics import image_quality, psnr, ssim
+
+    torch.manual_seed(0)
+    a = torch.rand(2, 1, 4, 64, 64)
+    b = (a + 0.3 * torch.randn_like(a)).clamp(0, 1)
+    plain = {"ssim": ssim(a, b), "ssim3d": ssim3d(a, b), "psnr": psnr(a, b), **image_quality(a, b)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = {"ssim": ssim(a, b), "ssim3d": ssim3d(a, b), "psnr": psnr(a, b), **image_quality(a, b)}
+        assert torch.is_autocast_enabled("cpu")  # given back as it was
+    assert all(torch.equal(plain[k], mixed[k]) and mixed[k].dtype == torch.float32 for k in plain), (
+        plain,
+        mixed,
+    )

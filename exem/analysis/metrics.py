@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,11 +35,28 @@ _TAPS_PER_SIGMA = 7.0
 _ONE_TAP_SIGMA = 0.1
 
 
+_Metric = TypeVar("_Metric", bound=Callable[..., Tensor])
+
+
+def _full_precision(metric: _Metric) -> _Metric:
+    """Run ``metric`` with autocast off: under a ``bf16-mixed`` trainer (validation on a GPU) autocast would run
+    SSIM's convolutions in bfloat16, whose variances (E[x²] − μ²) then lose digits; metrics are float32."""
+
+    @functools.wraps(metric)
+    def wrapped(pred: Tensor, *args: object, **kwargs: object) -> Tensor:
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            return metric(pred, *args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
+@_full_precision
 def psnr(pred: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
     """Peak signal-to-noise ratio in dB over the whole batch, ``pred``/``target`` of equal shape."""
     return peak_signal_noise_ratio(pred.float(), target.float(), data_range=data_range)
 
 
+@_full_precision
 def ssim(pred: Tensor, target: Tensor, data_range: float = 1.0, kernel_size: int = 7) -> Tensor:
     """Structural similarity of ``(B, 1, Z, Y, X)`` volumes, averaged over in-plane (Y, X) slices.
 
@@ -64,6 +84,7 @@ def _odd_at_most(k: int, *limits: int) -> int:
     return max(1, k if k % 2 == 1 else k - 1)
 
 
+@_full_precision
 def ssim3d(pred: Tensor, target: Tensor, data_range: float = 1.0, kernel_size: int = 7) -> Tensor:
     """Structural similarity of ``(B, 1, Z, Y, X)`` volumes with a true 3D Gaussian window (batch mean).
 
