@@ -486,6 +486,11 @@ def test_automatic_batch_size() -> None:
     assert batch_for_memory(per_patch_bytes=1 * gib, device_bytes=80 * gib) == 32  # 40 patches fit → 32
     assert batch_for_memory(per_patch_bytes=gib // 8, device_bytes=140 * gib) == 64  # capped
     assert batch_for_memory(per_patch_bytes=100 * gib, device_bytes=16 * gib) == 1  # never 0
+    # what the process can still allocate: ample on an idle GPU (the batch from the total stays), halving it when
+    # another process holds much of the device, never below 1
+    assert batch_for_memory(gib, 80 * gib, available_bytes=75 * gib) == 32
+    assert batch_for_memory(gib, 80 * gib, available_bytes=30 * gib) == 16
+    assert batch_for_memory(gib, 80 * gib, available_bytes=gib // 2) == 1
     assert probe_batch_size(nn.Identity(), (4, 8, 8), torch.device("cpu"), None) == DEFAULT_BATCH_SIZE
 
 
