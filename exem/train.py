@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from exem.allocator import keep_freed_memory
@@ -120,6 +121,8 @@ def train(cfg: DictConfig) -> TrainResult:
         trainer_cfg["precision"] = default_precision(trainer_cfg.get("accelerator"))
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    if "enable_progress_bar" not in trainer_cfg and not any(isinstance(c, ProgressBar) for c in callbacks):
+        trainer_cfg["enable_progress_bar"] = False  # callbacks.progress_bar=null: no bar, not Lightning's own
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     if trainer.strategy.root_device.type == "cpu":
         keep_freed_memory()  # activations reuse the heap instead of fresh pages (exem/allocator.py): ~8 % per step

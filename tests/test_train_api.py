@@ -66,7 +66,7 @@ def test_missing_mandatory_values_are_named(tmp_path: Path, synthetic_dir: Path)
 
 
 def test_a_run_too_short_to_validate_says_why(
-    tmp_path: Path, synthetic_dir: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, synthetic_dir: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
 ) -> None:
     cfg = _cfg(
         tmp_path,
@@ -84,3 +84,5 @@ def test_a_run_too_short_to_validate_says_why(
     lines = result.summary().splitlines()
     assert lines[0] == "exem-train: done: 1 batch (3 optimizer steps)"
     assert "  metrics CSV  none written (no metrics were logged)" in lines
+    # callbacks.progress_bar=null (DEMO_FAST) means no bar, not Lightning's own ("Epoch 0/-2")
+    assert "Epoch" not in "".join(capfd.readouterr())
