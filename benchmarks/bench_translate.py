@@ -19,7 +19,8 @@ Both start from the same uint8 Zarr volume and the same generator weights, and e
 
 Median of ``--repeats`` after a warm-up run of each; Mvox/s over the volume's voxels; peak memory (CUDA:
 max_memory_allocated; host: peak RSS, both over what was in use before). The uint8 outputs of exem at 50 %
-overlap and of the baseline are compared (max |difference|). The last line printed is a JSON object.
+overlap and of the baseline are compared (max |difference|; on a GPU exem runs under bf16 autocast and the
+baseline in fp32, so a few levels apart are expected). The last line printed is a JSON object.
 """
 
 from __future__ import annotations
