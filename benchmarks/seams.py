@@ -101,6 +101,7 @@ def main() -> None:
     result: dict[str, object] = {
         "bench": "seams",
         "device": device.type,
+        "size": "x".join(map(str, shape)),
         "shape": list(shape),
         "patch": list(patch),
     }
