@@ -190,6 +190,33 @@ def test_torchscript_and_onnx_give_identical_labels_api(tmp_path: Path, em: Path
     assert a.num_objects == b.num_objects > 0 and np.array_equal(la, lb)
 
 
+def test_onnx_sessions_run_on_the_inputs_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With onnxruntime-gpu, each DDP rank's ONNX session must sit on that rank's GPU: the CUDA provider's
+    default is GPU 0 (every rank there: one GPU does all the work and holds every arena)."""
+    import onnxruntime as ort
+
+    from exem.analysis.em_models import OnnxModule
+
+    _, onnx = save_segmenters(tmp_path)
+    module = OnnxModule(onnx)  # its CPU session, made with the real onnxruntime
+    made: list[list] = []
+
+    def session(path, sess_options, providers):  # noqa: ANN001, ANN202
+        made.append(providers)
+        return object()
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    for device in ("cuda:1", "cuda:1", "cuda:0", "cpu"):
+        module._session(torch.device(device))
+    assert made == [
+        [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"],
+        [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"],
+    ]  # one session per GPU, made once; the CPU one already existed
+
+
 def test_load_segmenter_and_sidecar_errors(tmp_path: Path) -> None:
     ts, onnx = save_segmenters(tmp_path)
     (tmp_path / "seg.yaml").write_text("kind: boundary\nthreshold: 0.25\npatch: [4, 16, 16]\n")

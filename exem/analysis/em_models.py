@@ -88,19 +88,23 @@ class OnnxModule(nn.Module):
             )
         self.input_name = inputs[0].name
 
-    def _session(self, device_type: str) -> Any:
+    def _session(self, device: torch.device | str) -> Any:
+        """The onnxruntime session for ``device``: on a CUDA device (with onnxruntime-gpu) the CUDA provider on
+        that very GPU (each DDP rank its own), else the CPU; one session per device, made on first use."""
         import onnxruntime as ort
 
-        cuda = device_type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-        key = "cuda" if cuda else "cpu"
+        device = torch.device(device)
+        cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+        key = f"cuda:{index}" if cuda else "cpu"
         if key not in self._sessions:
             options = ort.SessionOptions()
             options.log_severity_level = _ORT_LOG_ERRORS
             options.intra_op_num_threads = torch.get_num_threads()
             options.inter_op_num_threads = 1
-            providers = (
-                ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-            )
+            providers: list[Any] = ["CPUExecutionProvider"]
+            if cuda:  # onnxruntime's CUDA provider uses GPU 0 unless told otherwise
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
             try:
                 self._sessions[key] = ort.InferenceSession(
                     self.path, sess_options=options, providers=providers
@@ -112,7 +116,7 @@ class OnnxModule(nn.Module):
         return self._sessions[key]
 
     def forward(self, x: Tensor) -> Tensor:
-        session = self._session(x.device.type)
+        session = self._session(x.device)
         try:
             out = session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
