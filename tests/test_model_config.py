@@ -168,3 +168,11 @@ def test_checkpoint_from_before_the_nodes_still_loads(tmp_path: Path) -> None:
     schedulers = loaded.configure_optimizers()[1]
     assert isinstance(schedulers[0]["scheduler"], torch.optim.lr_scheduler.CosineAnnealingWarmRestarts)
     assert schedulers[0]["scheduler"].eta_min == pytest.approx(0.1 * 3e-4)  # fraction of the optimizer's lr
+
+
+def test_gpu_trainers_autotune_convolutions(tmp_path: Path) -> None:
+    """cuDNN's autotuning (Lightning's ``benchmark``) is on for every trainer meant for GPUs, DDP included: 3D
+    convolutions of one patch shape run its fastest algorithm."""
+    for name in ("gpu", "ddp"):
+        cfg = compose_config([f"trainer={name}"], output_dir=tmp_path)
+        assert cfg.trainer.benchmark is True, name
