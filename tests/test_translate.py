@@ -515,3 +515,33 @@ def test_the_network_runs_under_the_trainers_mixed_precision(exm, tmp_path) -> N
         translate_volume(
             _AutocastProbe(), exm, tmp_path / "true.ome.zarr", trainer=trainer("bf16-true"), **kw
         )
+
+
+def test_default_blocks_give_every_rank_work_and_resume_keeps_the_started_shape(
+    generator, exm, tmp_path
+) -> None:
+    """Under DDP the default block budget is at most a 2·world_size-th of the region (a 128×2048×2048 volume was
+    one GPU block: on 8 GPUs 7 waited); and since the default now depends on the ranks (and the device), an
+    unfinished output resumes with the block shape it was started with."""
+    from types import SimpleNamespace
+
+    from exem.data.volume import open_volume
+    from exem.inference.engine import default_block_voxels
+    from exem.inference.job import plan_job
+    from exem.inference.plan import DEFAULT_BLOCK_VOXELS, plan_volume
+
+    def gpus(n: int) -> SimpleNamespace:
+        return SimpleNamespace(world_size=n, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+
+    large = 128 * 2048 * 2048
+    assert default_block_voxels(gpus(1), large) == DEFAULT_BLOCK_VOXELS
+    assert default_block_voxels(gpus(8), large) == large // 16
+    blocks = plan_volume((128, 2048, 2048), (16, 256, 256), block_voxels=default_block_voxels(gpus(8), large))
+    assert len(blocks.blocks) >= 8 and len(plan_volume((128, 2048, 2048), (16, 256, 256)).blocks) == 1
+
+    out = tmp_path / "started.ome.zarr"
+    translate_volume(generator, exm, out, **KW)  # started with block_shape 4×64×64 (its record says so)
+    volume = open_volume(exm)
+    kw = {"patch": KW["patch"], "overlap": KW["overlap"], "chunks": KW["chunks"]}
+    assert plan_job(generator, volume, exm, **kw, output=out).plan.block_shape == tuple(KW["block_shape"])
+    assert plan_job(generator, volume, exm, **kw).plan.block_shape != tuple(KW["block_shape"])  # the default

@@ -365,6 +365,7 @@ def segment_volume(
         trainer=trainer,
         ngff_version=ngff_version,
         shards=shards,
+        output=None if overwrite else out,  # an unfinished output resumes with its own block shape
     )
     plan = job.plan
     shape = plan.shape

@@ -400,10 +400,16 @@ def default_num_workers(trainer: L.Trainer | None) -> int:
     return 0 if on_cpu(trainer) else DEFAULT_NUM_WORKERS
 
 
-def default_block_voxels(trainer: L.Trainer | None) -> int:
+def default_block_voxels(trainer: L.Trainer | None, region_voxels: int | None = None) -> int:
     """Voxel budget of the default block shape: :data:`~exem.inference.plan.DEFAULT_BLOCK_VOXELS` on an
-    accelerator, :data:`~exem.inference.plan.CPU_BLOCK_VOXELS` on the CPU (block buffers live in RAM)."""
-    return CPU_BLOCK_VOXELS if on_cpu(trainer) else DEFAULT_BLOCK_VOXELS
+    accelerator, :data:`~exem.inference.plan.CPU_BLOCK_VOXELS` on the CPU (block buffers live in RAM); with
+    several ranks, at most a ``2 × world_size``-th of the ``region_voxels`` to translate, so that every rank gets
+    blocks (a 128×2048×2048 volume is one GPU block: on 8 GPUs, 7 would wait)."""
+    budget = CPU_BLOCK_VOXELS if on_cpu(trainer) else DEFAULT_BLOCK_VOXELS
+    world = int(trainer.world_size) if trainer is not None else 1
+    if world > 1 and region_voxels is not None:
+        budget = max(1, min(budget, int(region_voxels) // (2 * world)))
+    return budget
 
 
 def local_root(output: str | Path | zarr.Group) -> Path:

@@ -25,8 +25,8 @@ from exem.checks import check_input_shape, triple
 from exem.data.ome import DEFAULT_NGFF_VERSION, check_ngff_version, check_shards
 from exem.data.volume import Volume, open_volume
 from exem.inference.engine import default_block_voxels
-from exem.inference.output import grid_record, jsonable, output_voxel_size
-from exem.inference.plan import BlockPlan, plan_volume
+from exem.inference.output import grid_record, jsonable, output_voxel_size, read_record
+from exem.inference.plan import BlockPlan, plan_volume, resolve_region
 
 __all__ = ["Job", "check_patch", "open_input", "plan_job"]
 
@@ -127,6 +127,7 @@ def plan_job(
     trainer: L.Trainer | None = None,
     ngff_version: str | float = DEFAULT_NGFF_VERSION,
     shards: Sequence[int] | None = None,
+    output: Any = None,
 ) -> Job:
     """Check the patch against ``net``, plan the blocks once (the trainer's device sets the default block budget).
 
@@ -138,6 +139,9 @@ def plan_job(
         ngff_version: the output's OME-Zarr version: ``"0.5"`` (Zarr v3) or ``"0.4"`` (Zarr v2).
         shards: level-0 shard shape (z, y, x) voxels of the output (Zarr v3 only), None: no sharding; blocks
             then follow whole shards (:func:`~exem.inference.plan.plan_blocks`).
+        output: the run's output (None when it is to be replaced); without ``block_shape``, an output there is
+            resumed with the block shape it was started with (the default depends on the device and the number of
+            ranks).
 
     Raises:
         ValueError: bad patch / overlap / ROI / chunks / block shape / NGFF version / shards (one line).
@@ -145,6 +149,9 @@ def plan_job(
     version = check_ngff_version(ngff_version)
     shards3 = check_shards(shards, version)
     patch3 = check_patch(net, patch)
+    if block_shape is None and output is not None:
+        block_shape = (read_record(output) or {}).get("block_shape")
+    z0, z1, y0, y1, x0, x1 = resolve_region(volume.shape, roi, patch3)
     plan = plan_volume(
         volume.shape,
         patch3,
@@ -152,7 +159,7 @@ def plan_job(
         roi=roi,
         chunks=chunks,
         block_shape=block_shape,
-        block_voxels=default_block_voxels(trainer),
+        block_voxels=default_block_voxels(trainer, (z1 - z0) * (y1 - y0) * (x1 - x0)),
         shards=shards3,
     )
     return Job(

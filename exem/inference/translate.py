@@ -329,6 +329,7 @@ def translate_volume(
         trainer=trainer,
         ngff_version=ngff_version,
         shards=shards,
+        output=None if overwrite else out,  # an unfinished output resumes with its own block shape
     )
     plan = job.plan
     autocast_dtype = autocast_for(trainer, autocast_dtype)
