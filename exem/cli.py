@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -86,8 +85,12 @@ def _print_files(files: Mapping[str, Any]) -> None:
         print(f"{name:{width}s} {path}")
 
 
-def _rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+def _rank_zero() -> (
+    bool
+):  # Lightning's global rank (set by the strategy; from RANK, SLURM_PROCID, … before it)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 @command("exem-train", "train", ["exem.train"])

@@ -216,3 +216,17 @@ def test_optuna_sweep_optimises_returned_metric(synthetic_dir: Path, tmp_path: P
         "model.loss.lambda_cycle",
         "model.loss.lambda_content",
     }
+
+
+def test_only_the_global_rank_zero_prints_the_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under srun every process has SLURM_PROCID but no LOCAL_RANK/NODE_RANK: the rank comes from Lightning."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from exem import cli
+
+    for key in ("LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    assert not cli._rank_zero()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert cli._rank_zero()
