@@ -85,9 +85,8 @@ def _print_files(files: Mapping[str, Any]) -> None:
         print(f"{name:{width}s} {path}")
 
 
-def _rank_zero() -> (
-    bool
-):  # Lightning's global rank (set by the strategy; from RANK, SLURM_PROCID, … before it)
+def _rank_zero() -> bool:
+    """Whether this is global rank 0: Lightning's rank (set by the strategy; from RANK, SLURM_PROCID, … before)."""
     from lightning.pytorch.utilities import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0

@@ -335,9 +335,8 @@ def module_state_kept(net: nn.Module) -> Iterator[None]:
         (m, name, b.device, b.dtype) for m in net.modules() for name, b in m.named_buffers(recurse=False)
     ]
     modes = [(m, m.training) for m in net.modules()]
-    compiled = getattr(
-        net, "_compiled_call_impl", None
-    )  # nn.Module.compile's hook (exem.perf.compile_or_eager)
+    # nn.Module.compile's hook, which exem.perf.compile_or_eager sets for compile=true
+    compiled = getattr(net, "_compiled_call_impl", None)
     try:
         yield
     finally:
