@@ -32,7 +32,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import machine, pick_device  # noqa: E402
 from exem.checkpoints import load_generator  # noqa: E402
 from exem.data.grid import PatchGrid  # noqa: E402
 from exem.data.synthetic import make_phantom, render_exm  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
     else:
         print(f"no checkpoint at {args.checkpoint}: only the freshly initialised generator")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # translate_volume's own choice
+    device = pick_device("auto")  # what translate_volume picks without a trainer
     result: dict[str, object] = {
         "bench": "seams",
         "device": device.type,

@@ -58,7 +58,7 @@ from exem.data.channels import VIRTUAL_EM_CHANNEL
 from exem.data.errors import channel_option
 from exem.data.ome import RECORD_ATTRIBUTE, create_group, is_group, ngff_version_of, write_image_label
 from exem.data.volume import Volume
-from exem.inference.engine import autocast_for, run_blockwise
+from exem.inference.engine import run_blockwise
 from exem.inference.job import open_input, plan_job
 from exem.inference.output import (
     GRID_KEYS,
@@ -366,10 +366,10 @@ def segment_volume(
         ngff_version=ngff_version,
         shards=shards,
         output=None if overwrite else out,  # an unfinished output resumes with its own block shape
+        autocast_dtype=autocast_dtype,
     )
     plan = job.plan
     shape = plan.shape
-    autocast_dtype = autocast_for(trainer, autocast_dtype)
     assert plan.chunks is not None
     lblock = align_block(shape, plan.chunks, plan.levels, label_block, "label_block", shards=plan.shards)
     if opts["kind"] == "boundary":
@@ -377,7 +377,6 @@ def segment_volume(
     record = job.record(
         sigma=float(opts["sigma"]),
         dtype=dtype,
-        autocast_dtype=autocast_dtype,
         model={
             "format": segmenter.model_format,
             "fingerprint": segmenter.fingerprint,
@@ -440,7 +439,7 @@ def segment_volume(
             out_dtype=dtype,
             num_workers=num_workers,
             trainer=trainer,
-            autocast_dtype=autocast_dtype,
+            autocast_dtype=job.autocast_dtype,
             prepare=functools.partial(_prepare, out, action, plan, dtype, job.voxel_size_nm, attributes),
             progress=progress,
             halo=package.halo3 if package is not None else (0, 0, 0),

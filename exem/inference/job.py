@@ -4,10 +4,10 @@ Translation, reliability maps and segmentation each do::
 
     volume = open_input(source, level, intensity_range, percentiles)
     job = plan_job(net, volume, source, patch=…, overlap=…, roi=…, chunks=…, block_shape=…, trainer=…,
-                   ngff_version=…, shards=…)
-    record = job.record(sigma=…, dtype=…, autocast_dtype=…, **their own settings)
+                   ngff_version=…, shards=…, output=…, autocast_dtype=…)
+    record = job.record(sigma=…, dtype=…, **their own settings)
     action = inspect_output(out, record, …)                    # exem.inference.output
-    run_blockwise(net, job.volume, job.plan, out, prepare=…)    # exem.inference.engine
+    run_blockwise(net, job.volume, job.plan, out, autocast_dtype=job.autocast_dtype, prepare=…)
 
 and keep only what is theirs (the network, the output layout, post-processing).
 """
@@ -24,7 +24,7 @@ from torch import nn
 from exem.checks import check_input_shape, triple
 from exem.data.ome import DEFAULT_NGFF_VERSION, check_ngff_version, check_shards
 from exem.data.volume import Volume, open_volume
-from exem.inference.engine import default_block_voxels
+from exem.inference.engine import autocast_for, default_block_voxels
 from exem.inference.output import grid_record, jsonable, output_voxel_size, read_record
 from exem.inference.plan import BlockPlan, plan_volume, resolve_region
 
@@ -92,6 +92,8 @@ class Job:
         plan: blocks, patch grid, chunks, shards and levels (:func:`~exem.inference.plan.plan_volume`).
         voxel_size_nm: (z, y, x) nm of the output (the volume's; 1 nm when unknown).
         ngff_version: the output's OME-Zarr version, ``"0.5"`` (Zarr v3) or ``"0.4"`` (Zarr v2).
+        autocast_dtype: the network's autocast dtype, ``"bfloat16"``/``"float16"``, or None (float32):
+            :func:`~exem.inference.engine.autocast_for` the run's trainer.
     """
 
     volume: Volume
@@ -99,8 +101,9 @@ class Job:
     plan: BlockPlan
     voxel_size_nm: tuple[float, float, float]
     ngff_version: str = DEFAULT_NGFF_VERSION
+    autocast_dtype: str | None = None
 
-    def record(self, *, sigma: float, dtype: str, autocast_dtype: str | None, **task: Any) -> dict[str, Any]:
+    def record(self, *, sigma: float, dtype: str, **task: Any) -> dict[str, Any]:
         """The output's record: the grid part (:func:`~exem.inference.output.grid_record`) and ``task``'s keys."""
         base = grid_record(
             self.volume,
@@ -108,7 +111,7 @@ class Job:
             self.plan,
             sigma=sigma,
             dtype=dtype,
-            autocast_dtype=autocast_dtype,
+            autocast_dtype=self.autocast_dtype,
             ngff_version=self.ngff_version,
         )
         return {**base, **jsonable(task)}
@@ -128,6 +131,7 @@ def plan_job(
     ngff_version: str | float = DEFAULT_NGFF_VERSION,
     shards: Sequence[int] | None = None,
     output: Any = None,
+    autocast_dtype: str | None = None,
 ) -> Job:
     """Check the patch against ``net``, plan the blocks once (the trainer's device sets the default block budget).
 
@@ -142,9 +146,12 @@ def plan_job(
         output: the run's output (None when it is to be replaced); without ``block_shape``, an output there is
             resumed with the block shape it was started with (the default depends on the device and the number of
             ranks).
+        autocast_dtype: ``bfloat16``/``float16`` for the network; None → the trainer's mixed precision
+            (:func:`~exem.inference.engine.autocast_for`).
 
     Raises:
-        ValueError: bad patch / overlap / ROI / chunks / block shape / NGFF version / shards (one line).
+        ValueError: bad patch / overlap / ROI / chunks / block shape / NGFF version / shards; a trainer precision
+            that converts the network's weights (one line).
     """
     version = check_ngff_version(ngff_version)
     shards3 = check_shards(shards, version)
@@ -168,4 +175,5 @@ def plan_job(
         plan=plan,
         voxel_size_nm=output_voxel_size(volume),
         ngff_version=version,
+        autocast_dtype=autocast_for(trainer, autocast_dtype),
     )

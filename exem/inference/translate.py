@@ -34,7 +34,7 @@ from exem.inference.companions import (
     storage_dtype,
     write_companions,
 )
-from exem.inference.engine import OUT_DTYPES, autocast_for, on_cpu, run_blockwise
+from exem.inference.engine import OUT_DTYPES, on_cpu, run_blockwise
 from exem.inference.job import check_patch, open_input, plan_job
 from exem.inference.output import (
     GRID_KEYS,
@@ -330,14 +330,13 @@ def translate_volume(
         ngff_version=ngff_version,
         shards=shards,
         output=None if overwrite else out,  # an unfinished output resumes with its own block shape
+        autocast_dtype=autocast_dtype,
     )
     plan = job.plan
-    autocast_dtype = autocast_for(trainer, autocast_dtype)
     scale = None if resampled is None else {"output": resampled, "model_voxel_size_nm": list(model_nm or [])}
     record = job.record(
         sigma=float(sigma),
         dtype=dtype,
-        autocast_dtype=autocast_dtype,
         generator={
             "widths": list(trained.widths or []) or None,
             "fingerprint": weights_fingerprint(generator),
@@ -397,7 +396,7 @@ def translate_volume(
             out_dtype=dtype,
             num_workers=num_workers,
             trainer=trainer,
-            autocast_dtype=autocast_dtype,
+            autocast_dtype=job.autocast_dtype,
             prepare=prepare,
             progress=progress,
             compile=compile_wanted(compile, plan.voxels, trainer),
