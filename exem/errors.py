@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "USER_ERRORS",
+    "OtherRankError",
     "config_error_line",
     "config_errors_one_line",
     "exception_line",
@@ -38,7 +39,13 @@ log = logging.getLogger("exem")
 # An unknown config key with no key spelt alike lists the known ones, at most this many.
 MAX_KNOWN_SHOWN = 20
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+class OtherRankError(RuntimeError):
+    """Under DDP another rank failed and this one stopped too (:mod:`exem.inference.ranks`). Printed in one line:
+    the failed rank prints its own error."""
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, OtherRankError)
 # OSErrors about the user's environment (space, quota, permissions, paths): reported in one line.
 _ENV_ERRNOS = ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EISDIR")
 USER_OS_ERRNOS = frozenset(getattr(errno, name) for name in _ENV_ERRNOS if hasattr(errno, name))

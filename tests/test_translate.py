@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -206,8 +207,9 @@ def test_unwritable_location_is_refused_before_compute(generator, exm, tmp_path,
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, sys, time
     import torch
+    from exem.errors import one_line_errors
     from exem.models.unet import AnisotropicUNet3D
     from exem.inference.translate import translate_volume
 
@@ -217,10 +219,14 @@ SCRIPT = textwrap.dedent(
 
         def forward(self, x):
             time.sleep(self.delay)
-            return super().forward(x)
+            y = super().forward(x)
+            if os.environ.get("EXEM_TEST_NAN_RANK", "-") == os.environ.get("RANK"):
+                return y * float("nan")  # this rank's network fails
+            return y
 
 
-    if __name__ == "__main__":
+    @one_line_errors("run_translate")
+    def main():
         state, src, dst, delay, devices, kw = sys.argv[1:7]
         g = SlowUNet(widths=(4, 8, 16))
         g.load_state_dict(torch.load(state, weights_only=True))
@@ -238,6 +244,10 @@ SCRIPT = textwrap.dedent(
         if trainer is not None:  # which blocks this rank computed (a file: ranks share stdout)
             with open(f"{dst}.rank{trainer.global_rank}.json", "w") as f:
                 json.dump(trainer.datamodule.shard, f)
+
+
+    if __name__ == "__main__":
+        main()
     """
 )
 
@@ -318,6 +328,55 @@ def test_ddp_two_processes_bit_identical(state_path, exm, reference, tmp_path) -
     got0, got1 = levels_of(out)
     assert np.array_equal(got0, ref0) and np.array_equal(got1, ref1)
     assert zarr.open_group(str(out), mode="r").attrs["exem"]["complete"] is True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ddp_rank_failure_stops_every_rank(state_path, exm, reference, tmp_path) -> None:
+    """Ranks started as srun or torchrun start them (no launcher watching them, each process on its own): rank 1's
+    network fails at its first block. Rank 0 stops within a block instead of finishing its share and then waiting
+    for rank 1 until the process group's timeout; both end with one line; a rerun resumes to the uninterrupted
+    result."""
+    out = tmp_path / "failed.zarr"
+    base = {**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    base.update(LOCAL_WORLD_SIZE="2", GROUP_RANK="0", TORCHELASTIC_RUN_ID="exem-test", EXEM_TEST_NAN_RANK="1")
+    procs = [
+        subprocess.Popen(
+            script_cmd(tmp_path, state_path, exm, out, 0.3, 2),
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        logs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    assert codes == [1, 1], f"{codes}\n" + "\n".join(o[-2000:] + e[-3000:] for o, e in logs)
+    lines = [e.strip().splitlines()[-1] for _, e in logs]
+    assert lines[1].startswith("run_translate: error: ") and "non-finite" in lines[1], lines[1]
+    assert lines[0].startswith("run_translate: error: rank 1 of 2 failed while computing its blocks: "), (
+        lines[0]
+    )
+    assert "non-finite" in lines[0] and "Traceback" not in logs[0][1]
+    done = markers(out, 1)
+    assert len(done) < n_blocks() // 2  # rank 0 stopped before it had computed its 10 blocks
+    # the flag is cleared and the run resumes: the result is the uninterrupted one
+    result = translate_volume(load_generator(state_path), exm, out, **KW)
+    assert result.blocks_skipped == len(done)
+    assert not (out / DONE_DIR / "failed").exists()
+    ref0, ref1 = levels_of(reference[1])
+    got0, got1 = levels_of(out)
+    assert np.array_equal(got0, ref0) and np.array_equal(got1, ref1)
 
 
 def test_default_reader_processes_follow_the_device() -> None:

@@ -5,17 +5,15 @@
   :class:`BlockDataModule` serves each rank its share of the blocks that are not done yet.
 - Writing: :class:`BlockWriter` (a ``BasePredictionWriter``) writes each block, and its in-plane 2× pyramid
   levels, on a background thread and only then creates the block's done-markers
-  ``<output>/.exem_done/<level>/<block-id>`` (atomically). A rerun skips blocks whose markers all exist
-  (:func:`done_blocks`). In a sharded output (Zarr v3) chunk rows are gathered into whole shard rows first: writing
-  part of a shard rewrites the shard file, so each shard is written once, by one writer.
+  ``<output>/.exem_done/<level>/<block-id>`` (:mod:`exem.inference.markers`). A rerun skips blocks whose markers
+  all exist (:func:`done_blocks`). In a sharded output (Zarr v3) chunk rows are gathered into whole shard rows
+  first: writing part of a shard rewrites the shard file, so each shard is written once, by one writer.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,8 +31,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from exem.checks import fmt_voxels
 from exem.data.volume import Volume
+from exem.inference.markers import DONE_DIR, clear_failures, done_blocks, marker_path, touch_atomic
 from exem.inference.plan import Block, BlockPlan
 from exem.inference.pyramid import downsample_block
+from exem.inference.ranks import together
 from exem.progress import progress_bar
 
 __all__ = [
@@ -55,33 +55,6 @@ log = logging.getLogger(__name__)
 DEFAULT_NUM_WORKERS = 2
 # Items waiting to be written: whole blocks, or the chunk rows of a streamed block (each held on the host).
 WRITE_QUEUE_SIZE = 4
-DONE_DIR = ".exem_done"
-
-# ----------------------------------------------------------------------------------------------------------
-# done-markers
-
-
-def _marker(root: Path, level: int, block: Block) -> Path:
-    return root / DONE_DIR / str(level) / block.id
-
-
-def done_blocks(root: str | Path, plan: BlockPlan, levels: int) -> set[int]:
-    """Indices of the plan's blocks whose done-markers exist for every level (one directory listing per level)."""
-    root = Path(root)
-    names: list[set[str]] = []
-    for lvl in range(levels):
-        d = root / DONE_DIR / str(lvl)
-        names.append(set(os.listdir(d)) if d.is_dir() else set())
-    return {b.index for b in plan.blocks if all(b.id in n for n in names)}
-
-
-def touch_atomic(path: Path) -> None:
-    """Create the empty file ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    os.replace(tmp, path)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # reading
@@ -213,12 +186,13 @@ def check_output_levels(arrays: Sequence[zarr.Array], plan: BlockPlan, root: Pat
 class BlockDataModule(L.LightningDataModule):
     """Serves this rank's share of the blocks that are not done yet.
 
-    ``setup`` runs inside ``Trainer.predict`` once the process group exists: global rank 0 runs ``prepare``
-    (e.g. create the output), all ranks wait, check the output, read the done-markers, and wait again, so the
-    markers are read before any rank writes and all ranks agree on the remaining blocks. Rank ``r`` of ``n``
-    takes every n-th remaining block starting at r, wrapped in a one-replica ``DistributedSampler`` so that
-    Lightning does not shard it again (its ``UnrepeatedDistributedSamplerWrapper`` asserts that every rank gets
-    at least one item, which fails when fewer blocks than ranks remain). ``part_voxels``: serve each block's
+    ``setup`` runs inside ``Trainer.predict`` once the process group exists: global rank 0 clears old failure
+    flags and runs ``prepare`` (e.g. create the output), all ranks wait, check the output, read the done-markers,
+    and wait again, so the markers are read before any rank writes and all ranks agree on the remaining blocks.
+    Both waits are :func:`~exem.inference.ranks.together` sections: a rank that fails in one stops all. Rank
+    ``r`` of ``n`` takes every n-th remaining block starting at r, wrapped in a one-replica ``DistributedSampler``
+    so that Lightning does not shard it again (its ``UnrepeatedDistributedSamplerWrapper`` asserts that every rank
+    gets at least one item, which fails when fewer blocks than ranks remain). ``part_voxels``: serve each block's
     context in Z parts of about this many voxels (:class:`BlockDataset`); None: whole.
     """
 
@@ -251,16 +225,20 @@ class BlockDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         assert trainer is not None
-        if self.prepare is not None and trainer.global_rank == 0:
-            self.prepare()
-        trainer.strategy.barrier("exem_prepare_output")
-        check_output_levels(open_levels(self.output, self.levels), self.plan, self.output, self.out_dtype)
-        done = done_blocks(self.output, self.plan, self.levels)
+        with together(trainer, "while creating the output", self.output):
+            if trainer.global_rank == 0:
+                clear_failures(self.output)
+                if self.prepare is not None:
+                    self.prepare()
+        with together(
+            trainer, "while reading the output's done-markers", self.output
+        ):  # before any is written
+            check_output_levels(open_levels(self.output, self.levels), self.plan, self.output, self.out_dtype)
+            done = done_blocks(self.output, self.plan, self.levels)
         todo = [b.index for b in self.plan.blocks if b.index not in done]
         self.skipped = len(self.plan.blocks) - len(todo)
         self.todo = todo
         self.shard = todo[trainer.global_rank :: trainer.world_size]
-        trainer.strategy.barrier("exem_markers_read")
         if trainer.is_global_zero:
             log.info(
                 "%d of %d blocks to compute (%d already done)", len(todo), len(self.plan.blocks), self.skipped
@@ -583,7 +561,7 @@ class BlockWriter(BasePredictionWriter):
         """Create block ``index``'s done-markers (every level; its data were written before) and count it."""
         block = self.plan.blocks[index]
         for lvl in range(self.levels):
-            touch_atomic(_marker(self.output, lvl, block))
+            touch_atomic(marker_path(self.output, lvl, block))
         self.written += 1
         self._voxels += block.voxels
         if self._bar is not None:

@@ -43,10 +43,12 @@ from exem.checks import fmt_voxels, one_of
 from exem.data.volume import Volume
 from exem.inference.batching import DEFAULT_BATCH_SIZE
 from exem.inference.blend import WindowCache
-from exem.inference.blockio import DEFAULT_NUM_WORKERS, BlockDataModule, BlockWriter, done_blocks
+from exem.inference.blockio import DEFAULT_NUM_WORKERS, BlockDataModule, BlockWriter
 from exem.inference.blockrun import BlockRun
+from exem.inference.markers import done_blocks
 from exem.inference.output import update_record
 from exem.inference.plan import CPU_BLOCK_VOXELS, DEFAULT_BLOCK_VOXELS, Block, BlockPlan
+from exem.inference.ranks import raise_if_peers_failed, together
 from exem.perf import compile_or_eager
 from exem.quiet import lightning_announcements_muted, lightning_noise_silenced
 
@@ -165,6 +167,8 @@ class BlockPredictor(L.LightningModule):
         # where it spares the writer thread; on the CPU the writer thread does it, next to the compute
         self.device_levels: bool | None = None
         self._run: BlockRun | None = None  # the block whose context parts are arriving (predict_step)
+        # under DDP (output, global rank, world size): before each block, stop if another rank failed
+        self.peers: tuple[Path, int, int] | None = None
         # seconds from this process's start to its first network call (exem.clock.process_age_s; set by BlockRun)
         self.first_batch_age_s: float | None = None
 
@@ -259,6 +263,8 @@ class BlockPredictor(L.LightningModule):
         index, z0, raw = batch
         block = self.plan.blocks[int(index)]
         if int(z0) == 0:
+            if self.peers is not None:
+                raise_if_peers_failed(*self.peers)
             self._run = BlockRun(self, block, self.sink)
         run = self._run
         if run is None or run.block.index != block.index:
@@ -531,29 +537,37 @@ def run_blockwise(
     writer = BlockWriter(root, plan, levels, progress=progress, workers=workers)
     predictor.sink = writer.put_slab  # chunk rows are written while the rest of their block is computed
     trainer = trainer if trainer is not None else default_trainer()
+    if trainer.world_size > 1:
+        predictor.peers = (root, int(trainer.global_rank), int(trainer.world_size))
     t0 = time.perf_counter()
     trainer.callbacks.append(writer)
-    try:
-        with lightning_noise_silenced(), module_state_kept(net):
-            warnings.filterwarnings("ignore", message=".*across ranks is zero.*")  # every block already done
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # num_workers is ours
-            warnings.filterwarnings("ignore", message=".*predict returned None.*")  # a block's context parts
-            trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
-    finally:
-        trainer.callbacks.remove(writer)
+    # every rank leaves each `together` section at once: when one fails, the others stop too (exem/inference/ranks.py)
+    with together(trainer, "while computing its blocks", root):
+        try:
+            with lightning_noise_silenced(), module_state_kept(net):
+                warnings.filterwarnings(
+                    "ignore", message=".*across ranks is zero.*"
+                )  # every block already done
+                warnings.filterwarnings(
+                    "ignore", message=".*does not have many workers.*"
+                )  # num_workers is ours
+                warnings.filterwarnings(
+                    "ignore", message=".*predict returned None.*"
+                )  # a block's context parts
+                trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
+        finally:
+            trainer.callbacks.remove(writer)
 
-    strategy = trainer.strategy
-    strategy.barrier("exem_blocks_written")
-    done = done_blocks(root, plan, levels)
-    missing = [b.id for b in plan.blocks if b.index not in done]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise RuntimeError(
-            f"{root}: {len(missing)} block(s) were not written ({', '.join(missing[:3])}{more}); rerun to resume"
-        )
-    if trainer.is_global_zero:
-        update_record(root, complete=True, blocks=len(plan.blocks), block_shape=list(plan.block_shape))
-    strategy.barrier("exem_complete")
+    with together(trainer, "while marking the output complete", root):
+        done = done_blocks(root, plan, levels)
+        missing = [b.id for b in plan.blocks if b.index not in done]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise RuntimeError(
+                f"{root}: {len(missing)} block(s) were not written ({', '.join(missing[:3])}{more}); rerun to resume"
+            )
+        if trainer.is_global_zero:
+            update_record(root, complete=True, blocks=len(plan.blocks), block_shape=list(plan.block_shape))
     skipped = datamodule.skipped if datamodule.skipped is not None else 0
     return BlockwiseResult(
         plan=plan,
