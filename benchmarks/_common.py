@@ -23,10 +23,17 @@ GIB = 2**30
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
+    """``auto`` → CUDA when available, else CPU. ``cuda:N`` with N > 0 is refused in one line: the Lightning
+    trainers of the benchmarks (and ``translate_volume`` without one) take the first visible GPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise SystemExit(
+            f"--device {name}: the benchmarks run on the first visible GPU; choose it with"
+            f" CUDA_VISIBLE_DEVICES={device.index} and --device cuda"
+        )
+    return device
 
 
 def machine(device: torch.device) -> str:

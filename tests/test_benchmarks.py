@@ -134,6 +134,21 @@ def test_bench_train_measures_exem_default_first() -> None:
     assert all(parse_variant(v) for v in cuda)
 
 
+def test_a_gpu_other_than_the_first_is_refused_in_one_line() -> None:
+    """engine_ceiling's and bench_translate's trainers take the first visible GPU, whatever --device cuda:1 said."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks._common import pick_device
+    finally:
+        sys.path.remove(str(ROOT))
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("cuda:0") == torch.device("cuda", 0) and pick_device("cuda") == torch.device("cuda")
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES=1 and --device cuda"):
+        pick_device("cuda:1")
+
+
 def test_makefile_passes_torch_spec_to_pip_as_arguments(tmp_path: Path) -> None:
     """README: `make demo TORCH_SPEC="torch==2.13.0 --index-url …"` for a CUDA build (one quoted word broke pip)."""
     import shlex
