@@ -14,14 +14,18 @@ import pytest
 import torch
 
 from exem.errors import OtherRankError, is_user_error
+from exem.inference import blockio
 from exem.inference.blockio import BlockDataModule
 from exem.inference.markers import DONE_DIR, FAILED_DIR, clear_failures, failures, write_failure
 from exem.inference.plan import plan_blocks
 from exem.inference.ranks import raise_if_peers_failed, together
 
 
-def fake_trainer(rank: int, others_said: list[float], world: int = 2) -> SimpleNamespace:
-    """This process as rank ``rank``; the collective adds what the other ranks said (0 ok, 1 passed on, 2 failed)."""
+def fake_trainer(
+    rank: int, others_said: list[float], world: int = 2, rank0_sent: object = None
+) -> SimpleNamespace:
+    """This process as rank ``rank``; the collective adds what the other ranks said (0 ok, 1 passed on, 2 failed);
+    a broadcast gives rank 0's ``rank0_sent`` (rank 0 gets its own object back)."""
     calls: list[list[float]] = []
 
     def reduce(tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
@@ -29,8 +33,14 @@ def fake_trainer(rank: int, others_said: list[float], world: int = 2) -> SimpleN
         calls.append(tensor.tolist())
         return tensor + torch.tensor(others_said)
 
-    strategy = SimpleNamespace(root_device=torch.device("cpu"), reduce=reduce)
-    return SimpleNamespace(world_size=world, global_rank=rank, strategy=strategy, calls=calls)
+    def broadcast(obj: object, src: int) -> object:
+        assert src == 0
+        return obj if rank == 0 else rank0_sent
+
+    strategy = SimpleNamespace(root_device=torch.device("cpu"), reduce=reduce, broadcast=broadcast)
+    return SimpleNamespace(
+        world_size=world, global_rank=rank, is_global_zero=rank == 0, strategy=strategy, calls=calls
+    )
 
 
 def test_one_process_only_runs_the_body(tmp_path: Path) -> None:
@@ -90,8 +100,9 @@ def test_peers_flags_stop_a_rank_but_its_own_does_not(tmp_path: Path) -> None:
 
 
 def _datamodule(tmp_path: Path, prepare, trainer) -> BlockDataModule:
+    """Four blocks of 4×32×32 (one patch each)."""
     plan = plan_blocks(
-        (4, 32, 32), (4, 32, 32), (0, 0, 0), block_shape=(4, 32, 32), chunks=(4, 32, 32), levels=1
+        (4, 64, 64), (4, 32, 32), (0, 0, 0), block_shape=(4, 32, 32), chunks=(4, 32, 32), levels=1
     )
     volume = SimpleNamespace(dtype=np.dtype("uint8"))
     dm = BlockDataModule(volume, plan, tmp_path / "out.zarr", levels=1, out_dtype="uint8", prepare=prepare)
@@ -119,3 +130,19 @@ def test_rank_0_failing_to_create_the_output_stops_the_others(tmp_path: Path) ->
     ):
         _datamodule(tmp_path, prepare, rank1).setup("predict")
     assert rank1.calls == [[0.0, 0.0]]  # rank 1 does not prepare
+
+
+def test_rank_0s_listing_of_the_done_markers_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a shared file system another node's listing may lag: every rank uses rank 0's."""
+    monkeypatch.setattr(blockio, "open_levels", lambda root, levels: [])  # no output to check here
+    rank1 = fake_trainer(1, [0.0, 0.0], rank0_sent={0, 2})  # rank 0 found blocks 0 and 2 done
+    dm = _datamodule(tmp_path, None, rank1)
+    dm.setup("predict")  # nothing on disk here
+    assert (dm.todo, dm.shard, dm.skipped) == ([1, 3], [3], 2)
+    rank0 = fake_trainer(0, [0.0, 0.0])
+    marker = tmp_path / "out.zarr" / DONE_DIR / "0"
+    marker.mkdir(parents=True)
+    (marker / dm.plan.blocks[1].id).touch()
+    dm = _datamodule(tmp_path, None, rank0)
+    dm.setup("predict")
+    assert (dm.todo, dm.shard, dm.skipped) == ([0, 2, 3], [0, 3], 1)

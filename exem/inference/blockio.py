@@ -230,11 +230,15 @@ class BlockDataModule(L.LightningDataModule):
                 clear_failures(self.output)
                 if self.prepare is not None:
                     self.prepare()
-        with together(
-            trainer, "while reading the output's done-markers", self.output
-        ):  # before any is written
+        # every rank checks the output; rank 0 alone lists the done-markers, before any rank writes one, and tells
+        # the others (on a shared file system another node's listing may lag)
+        done: set[int] | None = None
+        with together(trainer, "while reading the output's done-markers", self.output):
             check_output_levels(open_levels(self.output, self.levels), self.plan, self.output, self.out_dtype)
-            done = done_blocks(self.output, self.plan, self.levels)
+            if trainer.global_rank == 0:
+                done = done_blocks(self.output, self.plan, self.levels)
+        done = trainer.strategy.broadcast(done, src=0)
+        assert done is not None
         todo = [b.index for b in self.plan.blocks if b.index not in done]
         self.skipped = len(self.plan.blocks) - len(todo)
         self.todo = todo

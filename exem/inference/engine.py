@@ -545,28 +545,24 @@ def run_blockwise(
     with together(trainer, "while computing its blocks", root):
         try:
             with lightning_noise_silenced(), module_state_kept(net):
-                warnings.filterwarnings(
-                    "ignore", message=".*across ranks is zero.*"
-                )  # every block already done
-                warnings.filterwarnings(
-                    "ignore", message=".*does not have many workers.*"
-                )  # num_workers is ours
-                warnings.filterwarnings(
-                    "ignore", message=".*predict returned None.*"
-                )  # a block's context parts
+                # Lightning's warnings about what is ours: every block already done, num_workers, a block's parts
+                for said in ("across ranks is zero", "does not have many workers", "predict returned None"):
+                    warnings.filterwarnings("ignore", message=f".*{said}.*")
                 trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
         finally:
             trainer.callbacks.remove(writer)
 
+    # rank 0 alone lists the markers and decides: on a shared file system another node's listing may lag
     with together(trainer, "while marking the output complete", root):
-        done = done_blocks(root, plan, levels)
-        missing = [b.id for b in plan.blocks if b.index not in done]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise RuntimeError(
-                f"{root}: {len(missing)} block(s) were not written ({', '.join(missing[:3])}{more}); rerun to resume"
-            )
         if trainer.is_global_zero:
+            done = done_blocks(root, plan, levels)
+            missing = [b.id for b in plan.blocks if b.index not in done]
+            if missing:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise RuntimeError(
+                    f"{root}: {len(missing)} block(s) were not written ({', '.join(missing[:3])}{more});"
+                    " rerun to resume"
+                )
             update_record(root, complete=True, blocks=len(plan.blocks), block_shape=list(plan.block_shape))
     skipped = datamodule.skipped if datamodule.skipped is not None else 0
     return BlockwiseResult(
