@@ -271,3 +271,69 @@ def test_other_channels_follow_the_translation_onto_the_models_grid(
     model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), torch.nn.Sigmoid()).eval()
     seg = segment_volume(model, out, tmp_path / "seg", patch=(4, 16, 16), dtype="float32", progress=False)
     assert seg.shape == (6, 16, 16)
+
+
+DDP_SCRIPT = """
+import json, sys
+
+import lightning as L
+import torch
+
+import exem.inference.companions as companions
+from exem.inference.translate import translate_volume
+from exem.models import AnisotropicUNet3D
+
+if __name__ == "__main__":
+    src, dst, kw = sys.argv[1:4]
+    torch.manual_seed(0)
+    net = AnisotropicUNet3D(widths=(2, 4)).eval()
+    copied = []
+    real = companions.write_companions
+
+    def spy(volume, others, plan, *args, blocks=None, **kwargs):
+        copied.extend(b.index for b in (plan.blocks if blocks is None else blocks))
+        return real(volume, others, plan, *args, blocks=blocks, **kwargs)
+
+    companions.write_companions = spy
+    trainer = L.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    translate_volume(net, src, dst, trainer=trainer, **json.loads(kw))
+    with open(f"{dst}.rank{trainer.global_rank}.json", "w") as f:
+        json.dump(copied, f)
+"""
+
+
+def test_ranks_share_the_copy_of_the_other_channels(tmp_path: Path, two_channels: np.ndarray) -> None:
+    """Under DDP every rank copies its share of the blocks (rank 0 alone used to copy them all while the others
+    waited, e.g. for the reliability map's first barrier); the output equals a single process's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from exem.inference.output import read_record
+    from exem.inference.translate import translate_volume
+
+    path = _ome(tmp_path / "sample.ome.zarr", two_channels, ["nhs_ester", "antibody"])
+    kw = {
+        "channel": "nhs_ester", "patch": [4, 16, 16], "chunks": [2, 16, 16], "block_shape": [2, 32, 32],
+        "intensity_range": [0, 4000], "progress": False, "num_workers": 0,
+    }  # fmt: skip
+    script, out = tmp_path / "ddp_channels.py", tmp_path / "ddp.ome.zarr"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(path), str(out), json.dumps(kw)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    copied = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert copied == [[0, 2], [1]]  # three blocks of 2 slices: every other one each
+    assert read_record(out)["channels_written"] is True
+    alone = translate_volume(_generator(), path, tmp_path / "alone.ome.zarr", **kw)
+    got, want = zarr.open_group(str(out), mode="r"), zarr.open_group(str(alone.output), mode="r")
+    for level in ("0", "1"):
+        assert np.array_equal(got[level][:], want[level][:]), level
+    assert np.array_equal(got["0"][1], two_channels[ANTIBODY])

@@ -10,7 +10,7 @@ is at the model's voxel size), with OMERO names and colours so napari shows the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,15 @@ import zarr
 from exem.data.channels import VIRTUAL_EM_CHANNEL
 from exem.data.ome import CHANNEL_COLORS, downsample_inplane
 from exem.data.volume import Volume, open_volume
-from exem.inference.plan import BlockPlan
+from exem.inference.output import read_record, update_record
+from exem.inference.plan import Block, BlockPlan
+from exem.inference.ranks import together
+from exem.progress import step_bar
 
 __all__ = [
     "channel_entries",
     "companion_channels",
+    "copy_companions",
     "storage_dtype",
     "write_companions",
 ]
@@ -71,12 +75,55 @@ def channel_entries(volume: Volume, companions: Sequence[int], out_dtype: str) -
     return entries
 
 
+def copy_companions(
+    trainer: Any,
+    volume: Volume,
+    companions: Sequence[int],
+    plan: BlockPlan,
+    output: str | Path,
+    resample_to_nm: Sequence[float] | None = None,
+    *,
+    progress: bool = True,
+) -> bool:
+    """Every rank of a translation: copy the other channels unless the output's record says they are there.
+
+    Rank 0 reads the record and tells the others; rank ``r`` of ``n`` copies every n-th block (each block's chunks
+    are its own: one chunk per channel); when all are done, rank 0 records ``channels_written``. A rank that fails
+    stops the others (:func:`~exem.inference.ranks.together`).
+
+    Args:
+        trainer: the translation's Lightning Trainer; None: this process alone.
+        volume, companions, plan, output, resample_to_nm: as :func:`write_companions`.
+        progress: a bar over the blocks on rank 0.
+
+    Returns:
+        whether channels were copied (False: the record said they were already).
+    """
+    rank = int(getattr(trainer, "global_rank", 0))
+    world = int(getattr(trainer, "world_size", 1))
+    todo = not (read_record(output) or {}).get("channels_written") if rank == 0 else None
+    if world > 1:
+        todo = trainer.strategy.broadcast(todo, src=0)
+    if not todo:
+        return False
+    with together(trainer, "while copying the other channels", output):
+        blocks = plan.blocks[rank::world]
+        with step_bar(progress and rank == 0, "other channels", len(blocks) * len(companions)) as advance:
+            write_companions(volume, companions, plan, output, resample_to_nm, blocks=blocks, advance=advance)
+    if rank == 0:
+        update_record(output, channels_written=True)
+    return True
+
+
 def write_companions(
     volume: Volume,
     companions: Sequence[int],
     plan: BlockPlan,
     output: str | Path,
     resample_to_nm: Sequence[float] | None = None,
+    *,
+    blocks: Sequence[Block] | None = None,
+    advance: Callable[..., None] | None = None,
 ) -> None:
     """Copy channels ``companions`` of ``volume``'s source into channels 1, 2, … of ``output`` (every level).
 
@@ -87,6 +134,8 @@ def write_companions(
         output: the multi-channel OME-Zarr the engine wrote channel 0 of.
         resample_to_nm: the model's voxel size when the output is at the model's scale (``output_scale=model``);
             None: the input's grid.
+        blocks: the plan's blocks to copy (None: all).
+        advance: called after each block of each channel (a progress bar's step).
     """
     from exem.data.resample import resample_volume
 
@@ -103,7 +152,7 @@ def write_companions(
         )
         if resample_to_nm is not None:
             source = resample_volume(source, resample_to_nm)
-        for block in plan.blocks:
+        for block in plan.blocks if blocks is None else blocks:
             box = tuple(
                 slice(a + o[i], b + o[i])
                 for i, (a, b) in enumerate(zip(block.start, block.stop, strict=True))
@@ -119,4 +168,6 @@ def write_companions(
                     slice(block.start[2] // f, block.start[2] // f + data.shape[2]),
                 )
                 arr[(k, *sl)] = data.astype(arr.dtype, copy=False)
+            if advance is not None:
+                advance()
         log.info("%s: channel %s written beside the virtual EM", output, (volume.channel_names or ())[c])

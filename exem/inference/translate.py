@@ -31,8 +31,8 @@ from exem.data.volume import Volume
 from exem.inference.companions import (
     channel_entries,
     companion_channels,
+    copy_companions,
     storage_dtype,
-    write_companions,
 )
 from exem.inference.engine import OUT_DTYPES, on_cpu, run_blockwise
 from exem.inference.job import check_patch, open_input, plan_job
@@ -41,8 +41,6 @@ from exem.inference.output import (
     create_image,
     inspect_output,
     local_output,
-    read_record,
-    update_record,
 )
 from exem.inference.plan import default_overlap
 from exem.quiet import summary_of
@@ -403,9 +401,9 @@ def translate_volume(
         )
         blocks_done, blocks_skipped = result.blocks_done, result.blocks_skipped
         voxels, rank, first_batch = result.voxels_done, result.global_rank, result.first_batch_age_s
-    if companions and rank == 0 and not (read_record(out) or {}).get("channels_written"):
-        write_companions(source, companions, plan, out, model_nm if resampled == "model" else None)
-        update_record(out, channels_written=True)
+    if companions:
+        resample_to = model_nm if resampled == "model" else None
+        copy_companions(trainer, source, companions, plan, out, resample_to, progress=progress)
     seconds = time.perf_counter() - t0
     rate = voxels / seconds / 1e6 if seconds > 0 else 0.0
     if rank == 0 and action != "complete":
