@@ -228,6 +228,13 @@ SCRIPT = textwrap.dedent(
     @one_line_errors("run_translate")
     def main():
         state, src, dst, delay, devices, kw = sys.argv[1:7]
+        if os.environ.get("EXEM_TEST_DISK_FULL"):  # creating the output fails (rank 0 creates it)
+            import errno, exem.inference.translate
+
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device", dst)
+
+            exem.inference.translate.create_image = full
         if os.environ.get("EXEM_TEST_BLIND_RANK", "-") == os.environ.get("LOCAL_RANK", "0"):
             # this rank's listings of the done-markers lag (another node's, on a shared file system)
             import exem.inference.blockio, exem.inference.engine
@@ -342,17 +349,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_ddp_rank_failure_stops_every_rank(state_path, exm, reference, tmp_path) -> None:
-    """Ranks started as srun or torchrun start them (no launcher watching them, each process on its own): rank 1's
-    network fails at its first block. Rank 0 stops within a block instead of finishing its share and then waiting
-    for rank 1 until the process group's timeout; both end with one line; a rerun resumes to the uninterrupted
-    result."""
-    out = tmp_path / "failed.zarr"
+def srun_like(
+    tmp_path: Path, state_path: Path, exm: Path, out: Path, delay: float, **extra: str
+) -> list[str]:
+    """Two ranks started as srun or torchrun start them (each process on its own, no launcher watching them);
+    the last line of each one's stderr, once both ended with exit code 1."""
     base = {**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    base.update(LOCAL_WORLD_SIZE="2", GROUP_RANK="0", TORCHELASTIC_RUN_ID="exem-test", EXEM_TEST_NAN_RANK="1")
+    base.update(LOCAL_WORLD_SIZE="2", GROUP_RANK="0", TORCHELASTIC_RUN_ID="exem-test", **extra)
     procs = [
         subprocess.Popen(
-            script_cmd(tmp_path, state_path, exm, out, 0.3, 2),
+            script_cmd(tmp_path, state_path, exm, out, delay, 2),
             env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
             cwd=tmp_path,
             stdout=subprocess.PIPE,
@@ -368,12 +374,21 @@ def test_ddp_rank_failure_stops_every_rank(state_path, exm, reference, tmp_path)
             p.kill()
     codes = [p.returncode for p in procs]
     assert codes == [1, 1], f"{codes}\n" + "\n".join(o[-2000:] + e[-3000:] for o, e in logs)
-    lines = [e.strip().splitlines()[-1] for _, e in logs]
+    assert not any("Traceback" in e for _, e in logs), logs
+    return [e.strip().splitlines()[-1] for _, e in logs]
+
+
+def test_ddp_rank_failure_stops_every_rank(state_path, exm, reference, tmp_path) -> None:
+    """Rank 1's network fails at its first block. Rank 0 stops within a block instead of finishing its share and
+    then waiting for rank 1 until the process group's timeout; both end with one line; a rerun resumes to the
+    uninterrupted result."""
+    out = tmp_path / "failed.zarr"
+    lines = srun_like(tmp_path, state_path, exm, out, 0.3, EXEM_TEST_NAN_RANK="1")
     assert lines[1].startswith("run_translate: error: ") and "non-finite" in lines[1], lines[1]
     assert lines[0].startswith("run_translate: error: rank 1 of 2 failed while computing its blocks: "), (
         lines[0]
     )
-    assert "non-finite" in lines[0] and "Traceback" not in logs[0][1]
+    assert "non-finite" in lines[0]
     done = markers(out, 1)
     assert len(done) < n_blocks() // 2  # rank 0 stopped before it had computed its 10 blocks
     # the flag is cleared and the run resumes: the result is the uninterrupted one
@@ -383,6 +398,18 @@ def test_ddp_rank_failure_stops_every_rank(state_path, exm, reference, tmp_path)
     ref0, ref1 = levels_of(reference[1])
     got0, got1 = levels_of(out)
     assert np.array_equal(got0, ref0) and np.array_equal(got1, ref1)
+
+
+def test_ddp_rank_0_failing_to_create_the_output_stops_the_others(state_path, exm, tmp_path) -> None:
+    """Rank 0 alone creates the output; rank 1 used to wait for it in a barrier. No folder is left behind."""
+    out = tmp_path / "full.zarr"
+    lines = srun_like(tmp_path, state_path, exm, out, 0.0, EXEM_TEST_DISK_FULL="1")
+    assert lines[0] == f"run_translate: error: No space left on device: {out}"
+    assert lines[1] == (
+        "run_translate: error: rank 0 of 2 failed while creating the output (its own output says why);"
+        " this rank stopped"
+    )
+    assert not out.exists()
 
 
 def test_default_reader_processes_follow_the_device() -> None:

@@ -72,8 +72,8 @@ def together(trainer: Any, where: str, root: str | Path | None = None) -> Iterat
     """A section that every rank enters and leaves at the same point; its end is a collective (a barrier too).
 
     With one process it only runs the body. Under DDP a rank that raises in the body flags its failure in the
-    output ``root`` (when given; not for :class:`~exem.errors.OtherRankError`, which only passes a failure on), and
-    at the end every rank learns who failed.
+    output ``root`` (when given and it exists; not for :class:`~exem.errors.OtherRankError`, which only passes a
+    failure on), and at the end every rank learns who failed.
 
     Args:
         trainer: the run's Lightning Trainer (``world_size``, ``global_rank``, ``strategy``).
@@ -91,7 +91,8 @@ def together(trainer: Any, where: str, root: str | Path | None = None) -> Iterat
         if world <= 1:
             raise
         error = exc
-        if root is not None and not isinstance(exc, OtherRankError):
+        # only into an existing output: a flag must not leave a folder where rank 0 failed to create the output
+        if root is not None and not isinstance(exc, OtherRankError) and Path(root).is_dir():
             try:
                 write_failure(root, int(trainer.global_rank), error_line(exc))
             except OSError as flag_error:  # a rank that cannot write to the output cannot flag it either
