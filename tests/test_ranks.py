@@ -146,3 +146,33 @@ def test_rank_0s_listing_of_the_done_markers_counts(tmp_path: Path, monkeypatch:
     dm = _datamodule(tmp_path, None, rank0)
     dm.setup("predict")
     assert (dm.todo, dm.shard, dm.skipped) == ([0, 2, 3], [0, 3], 1)
+
+
+def _lost_peer(rank: int) -> SimpleNamespace:
+    """A trainer whose collective fails as gloo's does when another rank's process has ended."""
+    trainer = fake_trainer(rank, [0.0, 0.0])
+
+    def reduce(tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:46298")
+
+    trainer.strategy.reduce = reduce
+    return trainer
+
+
+def test_a_rank_that_left_without_meeting(tmp_path: Path) -> None:
+    """The failed rank keeps its own error; the others say that a rank left, with its flag when it wrote one."""
+    with pytest.raises(ValueError, match="^bad block$"), together(_lost_peer(1), "while testing", tmp_path):
+        raise ValueError("bad block")
+    with (
+        pytest.raises(
+            OtherRankError, match="^rank 1 of 2 failed while testing: bad block; this rank stopped"
+        ),
+        together(_lost_peer(0), "while testing", tmp_path),
+    ):
+        pass
+    clear_failures(tmp_path)
+    said = (
+        r"^a rank of 2 left while testing without saying why \(killed\?\): \[pair.cc:553\] Connection closed"
+    )
+    with pytest.raises(OtherRankError, match=said), together(_lost_peer(0), "while testing", tmp_path):
+        pass

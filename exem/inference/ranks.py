@@ -104,7 +104,20 @@ def together(trainer: Any, where: str, root: str | Path | None = None) -> Iterat
     rank = int(trainer.global_rank)
     said = torch.zeros(world, dtype=torch.float32, device=trainer.strategy.root_device)
     said[rank] = OK if error is None else PASSED_ON if isinstance(error, OtherRankError) else FAILED
-    said_by = trainer.strategy.reduce(said, reduce_op="sum").tolist()
+    try:
+        said_by = trainer.strategy.reduce(said, reduce_op="sum").tolist()
+    except Exception as lost:  # noqa: BLE001 - a rank left without meeting (killed; gloo raises, NCCL hangs)
+        if error is not None:  # this rank's own error says more than the broken collective
+            log.warning(
+                "rank %d: the other ranks could not be told (%s)", rank, exception_line(lost, limit=200)
+            )
+            raise error from None
+        flagged = failures(root) if root is not None else {}
+        if flagged:
+            raise _peer_error(flagged, world, where) from lost
+        raise OtherRankError(
+            f"a rank of {world} left {where} without saying why (killed?): {exception_line(lost, limit=200)}"
+        ) from lost
     if error is not None:
         raise error
     failed = [r for r, s in enumerate(said_by) if s == FAILED] or [
