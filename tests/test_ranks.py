@@ -176,3 +176,12 @@ def test_a_rank_that_left_without_meeting(tmp_path: Path) -> None:
     )
     with pytest.raises(OtherRankError, match=said), together(_lost_peer(0), "while testing", tmp_path):
         pass
+
+
+def test_a_flag_holds_at_most_one_short_line(tmp_path: Path) -> None:
+    from exem.inference.ranks import FLAG_CHARS
+
+    long = "x" * (3 * FLAG_CHARS)
+    with pytest.raises(ValueError), together(fake_trainer(1, [0.0, 0.0]), "while testing", tmp_path):
+        raise ValueError(f"{long}\nsecond line")  # a user error: its one-line form, cut
+    assert failures(tmp_path)[1] == "x" * FLAG_CHARS + "…"

@@ -39,12 +39,12 @@ FLAG_CHARS = 400
 OK, PASSED_ON, FAILED = 0.0, 1.0, 2.0
 
 
-def error_line(err: BaseException) -> str:
-    """What the failed rank's flag says: the one line the command-line tools would print (else type: message)."""
+def _error_line(err: BaseException) -> str:
+    """What the failed rank's flag says: the one line the command-line tools would print (else type: message),
+    at most :data:`FLAG_CHARS` characters."""
     found = user_error(err)
-    return (
-        user_error_line(found) if found is not None else exception_line(err, with_type=True, limit=FLAG_CHARS)
-    )
+    line = user_error_line(found) if found is not None else exception_line(err, with_type=True)
+    return line if len(line) <= FLAG_CHARS else line[:FLAG_CHARS] + "…"
 
 
 def _peer_error(lines: dict[int, str], world: int, where: str) -> OtherRankError:
@@ -94,7 +94,7 @@ def together(trainer: Any, where: str, root: str | Path | None = None) -> Iterat
         # only into an existing output: a flag must not leave a folder where rank 0 failed to create the output
         if root is not None and not isinstance(exc, OtherRankError) and Path(root).is_dir():
             try:
-                write_failure(root, int(trainer.global_rank), error_line(exc))
+                write_failure(root, int(trainer.global_rank), _error_line(exc))
             except OSError as flag_error:  # a rank that cannot write to the output cannot flag it either
                 log.debug(
                     "rank %d could not flag its failure in %s: %s", trainer.global_rank, root, flag_error
