@@ -30,6 +30,7 @@ from exem.content_groups import (
     fit_from_datamodule,
     write_content_groups,
 )
+from exem.ddp import GradientTraffic, register_trainable_allreduce
 from exem.losses import (
     IntensityGroupContentLoss,
     LossWeights,
@@ -135,6 +136,8 @@ class ExEMModule(L.LightningModule):
         self.lm_normalization: dict[str, list[float] | None] | None = None
         # The (z, y, x) training patch: the default patch of translation (GroupNorm statistics depend on it).
         self.training_patch: tuple[int, int, int] | None = None
+        # Under DDP, the gradient buckets all-reduced and skipped (exem/ddp.py); None otherwise.
+        self.gradient_traffic: GradientTraffic | None = None
 
     # ------------------------------------------------------------------ inference
     def forward(self, lm: Tensor) -> Tensor:
@@ -253,13 +256,17 @@ class ExEMModule(L.LightningModule):
             g_terms, images = self.generator_losses(real_a, real_b)
             self._step(opt_g, g_terms["total"])
 
-        fake_a = self.pool_A(images["fake_a"].detach())
-        loss_da = discriminator_loss(self.D_A(real_a), self.D_A(fake_a))
-        self._step(opt_da, loss_da)
+        # Each D step sees detached fakes: the other networks are frozen only so that DDP all-reduces the
+        # trained network's gradients alone (exem/ddp.py); the maths is the same.
+        with frozen(self.G_AB, self.G_BA, self.D_B):
+            fake_a = self.pool_A(images["fake_a"].detach())
+            loss_da = discriminator_loss(self.D_A(real_a), self.D_A(fake_a))
+            self._step(opt_da, loss_da)
 
-        fake_b = self.pool_B(images["fake_b"].detach())
-        loss_db = discriminator_loss(self.D_B(real_b), self.D_B(fake_b))
-        self._step(opt_db, loss_db)
+        with frozen(self.G_AB, self.G_BA, self.D_A):
+            fake_b = self.pool_B(images["fake_b"].detach())
+            loss_db = discriminator_loss(self.D_B(real_b), self.D_B(fake_b))
+            self._step(opt_db, loss_db)
 
         for sch in schedulers:
             sch.step()
@@ -358,7 +365,12 @@ class ExEMModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoint state
     def on_fit_start(self) -> None:
         """Remember the LM voxel size and normalisation the generator is trained with, for translation later;
-        fit the content groups (``loss.content.auto``) unless a checkpoint brought a fit."""
+        fit the content groups (``loss.content.auto``) unless a checkpoint brought a fit; under DDP, all-reduce
+        only the gradients of the networks each step trains (:mod:`exem.ddp`)."""
+        if self._trainer is not None:
+            self.gradient_traffic = register_trainable_allreduce(
+                getattr(self._trainer.strategy, "model", None)
+            )
         datamodule = getattr(self.trainer, "datamodule", None) if self.trainer else None
         if self.content_settings.auto and self.content_groups is None:
             if hasattr(datamodule, "intensity_sample"):

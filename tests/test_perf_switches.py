@@ -155,24 +155,26 @@ def test_grad_clip_in_a_plain_loop() -> None:
 # ------------------------------------------------------------------------------------- the step itself
 
 
-def test_discriminators_are_frozen_in_the_generator_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_step_trains_only_its_own_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The G step freezes both discriminators (no weight gradients for them); each D step freezes every other
+    network, so that DDP all-reduces only the trained one's gradients (exem/ddp.py). All restored after."""
     module = tiny_module()
-    seen: list[tuple[bool, bool]] = []
+    nets = ("G_AB", "G_BA", "D_A", "D_B")
+    seen: list[tuple[bool, ...]] = []
     step = ExEMModule._step
 
     def spy(self: ExEMModule, opt: Any, loss: torch.Tensor) -> None:
-        seen.append(
-            (
-                any(p.requires_grad for p in self.D_A.parameters()),
-                any(p.requires_grad for p in self.D_B.parameters()),
-            )
-        )
+        seen.append(tuple(any(p.requires_grad for p in getattr(self, n).parameters()) for n in nets))
         step(self, opt, loss)
 
     monkeypatch.setattr(ExEMModule, "_step", spy)
     run_steps(module, n=1)
-    assert seen == [(False, False), (True, True), (True, True)]  # G step, D_A step, D_B step
-    assert all(p.requires_grad for p in module.D_A.parameters())  # restored after the G step
+    assert seen == [  # G step, D_A step, D_B step
+        (True, True, False, False),
+        (False, False, True, False),
+        (False, False, False, True),
+    ]
+    assert all(p.requires_grad for p in module.parameters())  # restored after each step
 
 
 class _ScalarReads(TorchDispatchMode):
