@@ -55,8 +55,12 @@ USER_ERROR_NAMES = frozenset(
     {
         "MisconfigurationException",  # Lightning: e.g. Trainer(devices=0)
         "MissingMandatoryValue",  # OmegaConf: a ??? value read
+        "OutOfMemoryError",  # torch: the device's memory (a smaller batch or patch, or a freer device)
     }
 )
+# What an out-of-memory line adds, and where torch's allocator advice begins (cut: it is about fragmentation).
+OOM_HINT = "use a smaller batch or patch, or a device with more free memory"
+OOM_ADVICE = re.compile(r"\s(Of the allocated memory|If reserved but unallocated|See documentation)")
 
 
 def exception_line(exc: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
@@ -106,6 +110,9 @@ def user_error_line(err: BaseException) -> str:
     """
     if type(err).__name__ == "MissingMandatoryValue":
         return f"missing mandatory config value {err.full_key}"
+    if type(err).__name__ == "OutOfMemoryError":
+        text = " ".join(OOM_ADVICE.split(str(err), maxsplit=1)[0].split()).rstrip(".")
+        return f"{text}: {OOM_HINT}"
     if isinstance(err, OSError) and err.errno is not None and err.strerror:
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror}{where}"

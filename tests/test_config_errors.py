@@ -63,3 +63,29 @@ def test_a_group_of_another_command_is_refused_without_suggesting_plus(tmp_path:
     # experiment= is exem-train's; Hydra suggested "+experiment=demo", which would merge a training experiment in
     line = _line(tmp_path, "translate", "experiment=demo")
     assert line == "this command has no experiment= option (its config groups: trainer, paths)"
+
+
+def test_out_of_device_memory_is_one_line_without_the_allocators_advice() -> None:
+    import torch
+
+    from exem.errors import OOM_HINT, user_error, user_error_line
+
+    message = (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB of which 1.06 GiB"
+        " is free. Process 4242 has 78.04 GiB memory in use. Of the allocated memory 76.50 GiB is allocated by"
+        " PyTorch, and 1.02 GiB is reserved by PyTorch but unallocated. If reserved but unallocated memory is large"
+        " try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation"
+        " for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)"
+    )
+    try:
+        try:
+            raise torch.OutOfMemoryError(message)
+        except torch.OutOfMemoryError as oom:
+            raise RuntimeError("compiled step failed") from oom  # found down the cause chain too
+    except RuntimeError as exc:
+        err = user_error(exc)
+    assert isinstance(err, torch.OutOfMemoryError)
+    assert user_error_line(err) == (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB of which 1.06 GiB"
+        f" is free. Process 4242 has 78.04 GiB memory in use: {OOM_HINT}"
+    )

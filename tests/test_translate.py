@@ -216,6 +216,7 @@ SCRIPT = textwrap.dedent(
 
     class SlowUNet(AnisotropicUNet3D):
         delay = 0.0
+        moves = []
 
         def forward(self, x):
             time.sleep(self.delay)
@@ -223,6 +224,12 @@ SCRIPT = textwrap.dedent(
             if os.environ.get("EXEM_TEST_NAN_RANK", "-") == os.environ.get("RANK"):
                 return y * float("nan")  # this rank's network fails
             return y
+
+        def _apply(self, fn, *args, **kwargs):  # the first move to the device fails on this rank
+            if os.environ.get("EXEM_TEST_MOVE_RANK", "-") == os.environ.get("RANK") and not self.moves:
+                self.moves.append(fn)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+            return super()._apply(fn, *args, **kwargs)
 
 
     @one_line_errors("run_translate")
@@ -410,6 +417,24 @@ def test_ddp_rank_0_failing_to_create_the_output_stops_the_others(state_path, ex
         " this rank stopped"
     )
     assert not out.exists()
+
+
+def test_ddp_rank_failing_to_move_its_network_stops_the_others(state_path, exm, reference, tmp_path) -> None:
+    """Rank 1 runs out of device memory while its network moves to the device. Both ranks used to hang: rank 1
+    at the meeting point, rank 0 in Lightning's next barrier. A rerun resumes to the uninterrupted result."""
+    out = tmp_path / "moved.zarr"
+    lines = srun_like(tmp_path, state_path, exm, out, 0.0, EXEM_TEST_MOVE_RANK="1")
+    oom = "CUDA out of memory. Tried to allocate 20.00 MiB: use a smaller batch or patch, or a device with more free"
+    oom += " memory"
+    assert lines[1] == f"run_translate: error: {oom}"
+    assert lines[0] == (
+        f"run_translate: error: rank 1 of 2 failed while moving the network to its device: {oom}; this rank stopped"
+    )
+    assert markers(out, 0) == set()  # no block was computed
+    translate_volume(load_generator(state_path), exm, out, **KW)  # the flag is cleared, the run resumes
+    ref0, ref1 = levels_of(reference[1])
+    got0, got1 = levels_of(out)
+    assert np.array_equal(got0, ref0) and np.array_equal(got1, ref1)
 
 
 def test_default_reader_processes_follow_the_device() -> None:

@@ -177,6 +177,14 @@ class BlockPredictor(L.LightningModule):
         if self.compile_net and not getattr(self.net, "_compiled_call_impl", None):
             compile_or_eager(self.net)
 
+    def setup(self, stage: str) -> None:
+        """Lightning hook, before its last set-up barrier. Under DDP the network moves to this rank's device in a
+        meeting point (:func:`~exem.inference.ranks.together`): a rank failing there (out of device memory) stops
+        the others instead of leaving them in Lightning's next barrier. Lightning's own move is then a no-op."""
+        if self.peers is not None:
+            with together(self.trainer, "while moving the network to its device", self.peers[0]):
+                self.net.to(self.trainer.strategy.root_device)
+
     def levels_on_device(self, device: torch.device) -> bool:
         """Whether the pyramid levels of shipped rows are computed on ``device`` (:attr:`device_levels`)."""
         return device.type == "cuda" if self.device_levels is None else bool(self.device_levels)

@@ -12,8 +12,8 @@ in a collective-timeout traceback that did not say what went wrong. Now:
   directory check), so the others stop within a block instead of first finishing their shares.
 
 A single process takes no part in any of this: no collective, no flag. Left as it was: a rank that dies without
-raising (killed, out of host memory), or that fails inside Lightning's own set-up between two meeting points,
-still leaves the others waiting until the timeout.
+raising (killed, out of host memory), or that fails in Lightning's own code between two meeting points (the move
+of the network to the device is one: ``BlockPredictor.setup``), still leaves the others waiting until the timeout.
 """
 
 from __future__ import annotations
