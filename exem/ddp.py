@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["GradientTraffic", "allreduce_trainable", "register_trainable_allreduce"]
+__all__ = ["GradientTraffic", "allreduce_trainable", "kept_per_rank", "register_trainable_allreduce"]
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +67,11 @@ def register_trainable_allreduce(model: Any) -> GradientTraffic | None:
     state = GradientTraffic()
     model.register_comm_hook(state, allreduce_trainable)
     return state
+
+
+def kept_per_rank(module: torch.nn.Module, submodules: list[str]) -> None:
+    """Make DDP leave the buffers of ``module``'s ``submodules`` (names, e.g. ``["pool_A"]``) alone: it broadcasts
+    rank 0's parameters and buffers when it wraps a module, which would give every rank rank 0's replay pools (a
+    resume loads each rank's own first, :func:`exem.replay.load_rank_pools`). Call before DDP wraps ``module``."""
+    names = [f"{sub}.{name}" for sub in submodules for name, _ in module.get_submodule(sub).named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)

@@ -30,7 +30,7 @@ from exem.content_groups import (
     fit_from_datamodule,
     write_content_groups,
 )
-from exem.ddp import GradientTraffic, register_trainable_allreduce
+from exem.ddp import GradientTraffic, kept_per_rank, register_trainable_allreduce
 from exem.losses import (
     IntensityGroupContentLoss,
     LossWeights,
@@ -44,7 +44,7 @@ from exem.nodes import call, complete, plain
 from exem.optim import make_optimizers, make_schedulers, optimizer_node, scheduler_node
 from exem.panels import save_panel, translation_panel
 from exem.perf import PerfSwitches, frozen
-from exem.replay import ReplayBuffer
+from exem.replay import ReplayBuffer, load_rank_pools, save_rank_pools
 from exem.training_logs import cycle_metrics, log_image, logging_due, train_logs
 
 __all__ = ["GENERATOR", "DISCRIMINATOR", "ExEMModule", "LossWeights", "ReplayBuffer"]
@@ -123,6 +123,7 @@ class ExEMModule(L.LightningModule):
         self.report_dir = Path(report_dir) if report_dir else None
         self.pool_A = ReplayBuffer(replay_buffer_size)
         self.pool_B = ReplayBuffer(replay_buffer_size)
+        kept_per_rank(self, ["pool_A", "pool_B"])  # under DDP each rank keeps its own pools
         self.loss_weights = LossWeights.from_config(loss)
         self.optimizer_node, self.scheduler_node = optimizer, scheduler
         self.grad_clip = float(grad_clip) if grad_clip else None
@@ -403,6 +404,9 @@ class ExEMModule(L.LightningModule):
         # The global random state (replay-buffer draws), so a resumed run continues the uninterrupted one exactly.
         # All ranks are seeded alike and draw alike, so rank 0's state (the one saved) stands for every rank.
         checkpoint["exem_rng_state"] = rng_state()
+        if self._trainer is not None:  # under DDP, each rank's replay pools (the state dict holds rank 0's)
+            pools = {"pool_A": self.pool_A, "pool_B": self.pool_B}
+            save_rank_pools(checkpoint, pools, self._trainer.strategy, self._trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.batch_step = int(checkpoint.get("exem_batch_step", 0))
@@ -417,3 +421,5 @@ class ExEMModule(L.LightningModule):
         self.training_patch = tuple(int(v) for v in patch) if patch else None  # type: ignore[assignment]
         if self._trainer is not None and checkpoint.get("exem_rng_state"):  # resuming training, not loading
             set_rng_state(checkpoint["exem_rng_state"])
+        if self._trainer is not None:  # this rank's replay pools, before Lightning loads the state dict
+            load_rank_pools(checkpoint, self._trainer.global_rank, self._trainer.world_size)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ReplayBuffer"]
+__all__ = ["RANK_POOLS_KEY", "ReplayBuffer", "load_rank_pools", "save_rank_pools"]
+
+log = logging.getLogger(__name__)
 
 
 class ReplayBuffer(nn.Module):
@@ -61,3 +64,49 @@ class ReplayBuffer(nn.Module):
             else:
                 out.append(f)
         return torch.stack(out)
+
+
+# Under DDP, every rank's pools in the checkpoint: {pool name: (ranks, size, 1, Z, Y, X) tensor}.
+RANK_POOLS_KEY = "exem_replay_pools"
+
+
+def save_rank_pools(
+    checkpoint: dict[str, Any], pools: dict[str, ReplayBuffer], strategy: Any, world: int
+) -> None:
+    """Put every rank's pools into ``checkpoint`` (a collective: under DDP Lightning builds the checkpoint on every
+    rank and writes rank 0's). The model's state dict holds only rank 0's pools, so without this a resume would
+    give every rank rank 0's pool, and a resumed run would differ from the uninterrupted one.
+
+    Args:
+        checkpoint: the checkpoint being built (``on_save_checkpoint``).
+        pools: the module's pools by their state-dict prefix (``{"pool_A": ..., "pool_B": ...}``).
+        strategy: the Lightning strategy (``all_gather``).
+        world: number of ranks; nothing is done for 1, or for empty pools (size 0 or not filled yet).
+    """
+    if world <= 1 or not any(p.size and p.images.numel() for p in pools.values()):
+        return
+    checkpoint[RANK_POOLS_KEY] = {
+        name: strategy.all_gather(pool.images.contiguous()).detach().cpu() for name, pool in pools.items()
+    }
+
+
+def load_rank_pools(checkpoint: dict[str, Any], rank: int, world: int) -> None:
+    """Replace the pools in ``checkpoint``'s state dict (rank 0's) with this rank's from
+    :func:`save_rank_pools` (``on_load_checkpoint``, before Lightning loads the state dict). A run with another
+    number of ranks takes the pool of rank ``rank % saved ranks``, with a warning: it cannot continue the saved run
+    exactly."""
+    saved = checkpoint.get(RANK_POOLS_KEY)
+    state = checkpoint.get("state_dict")
+    if not saved or state is None:
+        return
+    ranks = next(iter(saved.values())).shape[0]
+    if ranks != world and rank == 0:
+        log.warning(
+            "the checkpoint's replay pools come from %d ranks and this run has %d: each rank starts from rank"
+            " (its rank mod %d)'s pool, so the run does not continue the saved one exactly",
+            ranks,
+            world,
+            ranks,
+        )
+    for name, stacked in saved.items():
+        state[f"{name}.images"] = stacked[rank % ranks].clone()
