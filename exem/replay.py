@@ -85,8 +85,10 @@ def save_rank_pools(
     """
     if world <= 1 or not any(p.size and p.images.numel() for p in pools.values()):
         return
-    checkpoint[RANK_POOLS_KEY] = {
-        name: strategy.all_gather(pool.images.contiguous()).detach().cpu() for name, pool in pools.items()
+    checkpoint[RANK_POOLS_KEY] = {  # the same pools are filled on every rank (the same batches)
+        name: strategy.all_gather(pool.images.contiguous()).detach().cpu()
+        for name, pool in pools.items()
+        if pool.size and pool.images.numel()
     }
 
 
