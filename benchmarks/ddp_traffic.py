@@ -1,11 +1,12 @@
 """DDP training: gradient bytes all-reduced per batch, and time per batch, with and without exem's hook.
 
     torchrun --nproc-per-node 2 benchmarks/ddp_traffic.py                     # CPU (gloo), tiny networks
-    torchrun --nproc-per-node 2 benchmarks/ddp_traffic.py --size published --patch 8 64 64
+    torchrun --nproc-per-node 2 benchmarks/ddp_traffic.py --size published --patch 16 64 64
     torchrun --nproc-per-node 2 benchmarks/ddp_traffic.py --device cuda --size published   # 2 GPUs (NCCL)
 
 Each rank fits an :class:`~exem.module.ExEMModule` for ``--batches`` batches on random patches under Lightning's
-``DDPStrategy(find_unused_parameters=True)``, as ``trainer=ddp``. By default exem registers
+``DDPStrategy(find_unused_parameters=True)``, as ``trainer=ddp``, with exem's default on the device (``--variant``:
+``fp32`` on the CPU, ``bf16-compile`` on CUDA, as ``benchmarks/bench_train.py`` names them). By default exem registers
 :func:`exem.ddp.allreduce_trainable` (only the buckets of the networks a step trains are all-reduced);
 ``--all-buckets`` leaves DDP's own all-reduce of every bucket at every backward. The bytes are the hook's counts:
 ``sent`` is what it all-reduced, ``sent + skipped`` what DDP sends without it. The traffic does not depend on the
@@ -37,7 +38,7 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from benchmarks._common import machine, pick_device  # noqa: E402
-from benchmarks.bench_train import SIZES, model_config  # noqa: E402
+from benchmarks.bench_train import SIZES, default_variant, model_config, parse_variant  # noqa: E402
 
 MB = 1e6
 # Tiny networks keep every parameter in one of DDP's default 25 MB buckets (one bucket holding all four networks
@@ -97,6 +98,7 @@ def main() -> None:
         "--bucket-cap-mb", type=float, default=None, help="DDP's bucket size (default: DDP's own)"
     )
     ap.add_argument("--all-buckets", action="store_true", help="DDP's own all-reduce of every bucket")
+    ap.add_argument("--variant", default=None, help="fp32|bf16[-compile] (default: exem's on the device)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if "WORLD_SIZE" not in os.environ:
@@ -106,8 +108,11 @@ def main() -> None:
     device = pick_device(args.device)
     size = SIZES[args.size]
     patch = tuple(args.patch or size["patch"])
+    variant = args.variant or default_variant(device)
+    precision, flags = parse_variant(variant)
     bucket_cap = args.bucket_cap_mb
-    if bucket_cap is None and args.size == "tiny":
+    if bucket_cap is None and args.size == "tiny" and "compile" not in flags:
+        # (compiled, DDP's graph splitting refuses buckets smaller than its first one: DDP's own size is kept)
         bucket_cap = TINY_BUCKET_CAP_MB
 
     import exem.module
@@ -115,7 +120,7 @@ def main() -> None:
     if args.all_buckets:
         exem.module.register_trainable_allreduce = lambda model: None  # type: ignore[assignment]
     L.seed_everything(0, workers=True)
-    module = exem.module.ExEMModule(**model_config(size, "fp32"))
+    module = exem.module.ExEMModule(**model_config(size, variant))
     strategy = DDPStrategy(
         find_unused_parameters=True, **({} if bucket_cap is None else {"bucket_cap_mb": bucket_cap})
     )
@@ -126,7 +131,7 @@ def main() -> None:
         devices=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
         num_nodes=world // int(os.environ.get("LOCAL_WORLD_SIZE", world)),
         strategy=strategy,
-        precision="32-true",
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
         max_steps=3 * args.batches,  # three optimizer steps per batch
         logger=False,
         enable_checkpointing=False,
@@ -149,6 +154,11 @@ def main() -> None:
         "patch": list(patch),
         "world_size": world,
         "mode": "all_buckets" if args.all_buckets else "trainable",
+        "variant": variant,
+        # still compiled after the run (a compilation failure falls back to eager: exem.perf.compile_or_eager)
+        "compiled": all(
+            getattr(n, "_compiled_call_impl", None) is not None for n in (module.G_AB, module.D_A)
+        ),
         "batches": len(clock.seconds),
         "sent_mb_per_batch": None if sent is None else round(sent / MB / len(clock.seconds), 3),
         "ddp_default_mb_per_batch": None

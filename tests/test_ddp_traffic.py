@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from exem.ddp import GradientTraffic, allreduce_trainable, register_trainable_allreduce
@@ -31,6 +32,7 @@ def test_each_network_is_all_reduced_once_per_batch_with_unchanged_weights(tmp_p
     plain = run_ranks(tmp_path / "plain", "--all-buckets")
     digests = {r["weights_sha1"] for r in hook + plain}
     assert len(digests) == 1, (hook, plain)  # every rank, with and without the hook: the same weights
+    assert not hook[0]["compiled"]  # exem's default on the CPU: eager
     sent, default = hook[0]["sent_mb_per_batch"], hook[0]["ddp_default_mb_per_batch"]
     # G (both generators), D_A and D_B each sent once instead of all four at each of three backwards: a third.
     assert 0.3 * default < sent < 0.4 * default, hook[0]
@@ -92,3 +94,13 @@ def test_a_hook_the_user_registered_is_kept(tmp_path: Path) -> None:
         assert register_trainable_allreduce(theirs) is None  # no "can only be called once" error either
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_networks_train_under_ddp_with_the_hook(tmp_path: Path) -> None:
+    """exem's default on CUDA (compiled networks) under DDP, here with inductor on the CPU: it runs, the hook is
+    registered beside Dynamo's graph splitting at bucket borders, and the ranks agree on the weights."""
+    ranks = run_ranks(tmp_path / "compiled", "--variant", "fp32-compile")
+    assert ranks[0]["variant"] == "fp32-compile" and ranks[0]["compiled"] and ranks[1]["compiled"]
+    assert ranks[0]["weights_sha1"] == ranks[1]["weights_sha1"]
+    assert ranks[0]["sent_mb_per_batch"] is not None
