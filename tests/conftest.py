@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,26 @@ def cli_env() -> dict[str, str]:
     )
     env.pop("WANDB_API_KEY", None)
     return env
+
+
+def torchrun_ranks(script: Path, *args: str, out: Path, timeout: float = 240) -> list[dict]:
+    """Run ``script`` in 2 processes under torchrun (gloo on the CPU, one thread each) and return what each rank
+    wrote to ``out/rank<r>.json``; fails with the processes' output when the run fails."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [*cmd, *args], cwd=out.parent, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def run_cli(prog: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

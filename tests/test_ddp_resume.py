@@ -3,16 +3,13 @@ dict holds only rank 0's). 2 processes (gloo, torchrun) on the CPU."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import torch
 
 from exem.replay import RANK_POOLS_KEY, ReplayBuffer, load_rank_pools, save_rank_pools
+from tests.conftest import torchrun_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,20 +66,7 @@ def train(tmp_path: Path, name: str, batches: int, ckpt: Path | None = None) -> 
     out.mkdir()
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(script),
-    ]
-    cmd += [str(REPO), str(out), str(batches), str(ckpt or "")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return torchrun_ranks(script, str(REPO), str(out), str(batches), str(ckpt or ""), out=out)
 
 
 def test_ddp_training_with_replay_pools_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:

@@ -3,28 +3,21 @@ own all-reduce of every bucket at every backward: 2 processes (gloo) through ``b
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from exem.ddp import GradientTraffic, allreduce_trainable, register_trainable_allreduce
+from tests.conftest import torchrun_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_ranks(out: Path, *extra: str) -> list[dict]:
     """Both ranks' figures from a 2-process run of the benchmark (torchrun, CPU, tiny networks)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += [str(REPO / "benchmarks" / "ddp_traffic.py"), "--batches", "3", "--out", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    script = REPO / "benchmarks" / "ddp_traffic.py"
+    return torchrun_ranks(script, "--batches", "3", "--out", str(out), *extra, out=out, timeout=180)
 
 
 def test_each_network_is_all_reduced_once_per_batch_with_unchanged_weights(tmp_path: Path) -> None:
