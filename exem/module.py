@@ -45,7 +45,7 @@ from exem.optim import make_optimizers, make_schedulers, optimizer_node, schedul
 from exem.panels import save_panel, translation_panel
 from exem.perf import PerfSwitches, frozen
 from exem.replay import ReplayBuffer, load_rank_pools, save_rank_pools
-from exem.training_logs import cycle_metrics, log_image, logging_due, train_logs
+from exem.training_logs import ValidationMeans, counted_metrics, log_image, logging_due, train_logs
 
 __all__ = ["GENERATOR", "DISCRIMINATOR", "ExEMModule", "LossWeights", "ReplayBuffer"]
 
@@ -131,6 +131,7 @@ class ExEMModule(L.LightningModule):
         self.image_dir = Path(image_dir) if image_dir else None
         self.perf = PerfSwitches(torch_compile, channels_last)  # applied by optimize_for
         self.batch_step = 0
+        self._val_means = ValidationMeans()  # of the running validation epoch
         self.voxel_size_nm: tuple[float, float, float] | None = None  # of the LM training data, (z, y, x) nm
         # How LM (ExM) input was normalised in training ({"intensity_range": [lo, hi] | None, "percentiles": ...});
         # translation applies the same rule so the generator sees the intensities it was trained on.
@@ -294,14 +295,22 @@ class ExEMModule(L.LightningModule):
             self.log_panel(real_a, real_b, images, tag="train")
 
     # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_means = ValidationMeans()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the means over every rank's counted patches (the same values on every rank: no ``sync_dist``)."""
+        strategy = self.trainer.strategy
+        means = self._val_means.means(lambda t: strategy.reduce(t, reduce_op="sum"))
+        self.log_dict(means, on_step=False, on_epoch=True)
+
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         real_a, real_b = batch["lm"], batch["em"]
         fake_b = self.G_AB(real_a)
         rec_a = self.G_BA(fake_b)
         fake_a = self.G_BA(real_b)
         rec_b = self.G_AB(fake_a)
-        metrics = cycle_metrics(real_a, rec_a, real_b, rec_b, fake_b, batch.get("em_paired"))
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=real_a.shape[0], sync_dist=True)
+        self._val_means.add(*counted_metrics(batch, rec_a, rec_b, fake_b))
         if batch_idx == 0:
             images = {"fake_b": fake_b, "rec_a": rec_a, "fake_a": fake_a, "rec_b": rec_b}
             self.log_panel(real_a, real_b, images, tag="val")

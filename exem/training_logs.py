@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,7 @@ from torch import Tensor
 from exem.analysis.metrics import image_quality
 from exem.losses import cycle_loss
 
-__all__ = ["cycle_metrics", "log_image", "logging_due", "train_logs"]
+__all__ = ["ValidationMeans", "counted_metrics", "cycle_metrics", "log_image", "logging_due", "train_logs"]
 
 
 def logging_due(trainer: Any) -> bool:
@@ -62,6 +62,60 @@ def cycle_metrics(
         metrics["val/paired_psnr"] = q["psnr"]
         metrics["val/paired_ssim"] = q["ssim"]
     return metrics
+
+
+def counted_metrics(
+    batch: Mapping[str, Tensor], rec_lm: Tensor, rec_em: Tensor, fake_em: Tensor
+) -> tuple[dict[str, Tensor], int]:
+    """:func:`cycle_metrics` of a validation batch's counted patches, and how many there are.
+
+    ``batch`` holds ``"lm"``, ``"em"`` (``(B, 1, Z, Y, X)``), optionally ``"em_paired"`` and ``"counted"`` ``(B,)``
+    (0 marks the padding :class:`~exem.data.sampling.ValidationSampler` adds under DDP; absent: all count). A
+    batch of padding only gives zeros for 0 patches (it adds nothing to the weighted means).
+    """
+    real_lm, real_em, paired = batch["lm"], batch["em"], batch.get("em_paired")
+    tensors = [real_lm, rec_lm, real_em, rec_em, fake_em, paired]
+    counted = batch.get("counted")
+    n = real_lm.shape[0]
+    if counted is not None:
+        keep = counted > 0
+        n = int(keep.sum())
+        if n < real_lm.shape[0]:
+            tensors = [None if t is None else t[keep] for t in tensors]
+    if n == 0:
+        whole = cycle_metrics(real_lm, rec_lm, real_em, rec_em, fake_em, paired)
+        return {k: torch.zeros_like(v) for k, v in whole.items()}, 0
+    return cycle_metrics(*tensors), n  # type: ignore[arg-type]
+
+
+class ValidationMeans:
+    """Means of the validation metrics over the counted patches of all ranks.
+
+    :meth:`add` takes each batch's metrics and its patch count n; :meth:`means` sums ``value · n`` and n over the
+    ranks (one all-reduce) and divides. Lightning's own ``sync_dist`` mean of unequal batch sizes cannot serve: it
+    averages the ranks' integer patch counts in integer arithmetic (2 and 1 patches give 1, not 1.5).
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.sums: Tensor | None = None  # (len(keys) + 1,): Σ value·n per key, then Σ n
+
+    def add(self, metrics: Mapping[str, Tensor], n: int) -> None:
+        keys = sorted(metrics)
+        count = metrics[keys[0]].new_tensor(float(n), dtype=torch.float32)
+        values = torch.stack([metrics[k].detach().float() * n for k in keys] + [count])
+        if self.sums is None:
+            self.keys, self.sums = keys, values
+        else:
+            self.sums += values
+
+    def means(self, reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+        """``{key: mean}`` over every rank (``reduce_sum``: the strategy's sum over ranks; all ranks call it);
+        empty when no batch was added."""
+        if self.sums is None:
+            return {}
+        total = reduce_sum(self.sums.clone())
+        return {k: total[i] / total[-1] for i, k in enumerate(self.keys)}
 
 
 def log_image(loggers: Iterable[Any], key: str, panel: np.ndarray, batch_step: int, global_step: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -186,16 +187,38 @@ def test_mouse_cortex_without_paths_fails_in_one_line(tmp_path: Path) -> None:
 
 
 def test_ddp_two_cpu_processes(synthetic_dir: Path, tmp_path: Path) -> None:
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from exem.config import compose_config
+
     run_dir = tmp_path / "run"
+    # 3 validation patches on 2 ranks: one rank gets a padding patch, which must not count
+    data = [*DEMO_FAST, "data.val_patches=3", f"paths.data_dir={synthetic_dir}"]
     proc = run_cli(
-        "exem-train", *DEMO_FAST, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        f"paths.data_dir={synthetic_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+        "exem-train", *data, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )  # fmt: skip
     _ok(proc)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # 4 samples per epoch split over 2 ranks with batch 2: one batch per rank per epoch, 2 epochs for 6 steps
     assert state["exem_batch_step"] == 2 and state["global_step"] == 6
+
+    # the last validation's metrics equal one process's validation of the final weights on the same patches
+    rows = [r for r in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if r["val/cycle_l1"]]
+    cfg = compose_config(data, output_dir=tmp_path / "one")
+    datamodule, module = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
+    assert len(rows) == 2 and datamodule.val_patches == 3
+    module.load_state_dict(state["state_dict"])
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (one,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    assert len(datamodule.val_dataset) == 3
+    # PSNR is of each batch's pooled squared error: it depends on which patches share a batch
+    for key in ("val/cycle_l1", "val/cycle_ssim", "val/paired_ssim"):
+        assert float(rows[-1][key]) == pytest.approx(one[key], rel=1e-5), key
 
 
 def test_optuna_sweep_optimises_returned_metric(synthetic_dir: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import zarr
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
 from exem.data import ExEMDataModule, VolumeError
-from exem.data.datamodule import EpochSampler, split_volume
+from exem.data.datamodule import EpochSampler, ValidationSampler, split_volume
 from exem.data.ome import write_ome_zarr
 
 PATCH = (4, 16, 16)
@@ -210,7 +210,7 @@ def test_validation_with_paired_em(data) -> None:
     loader = dm.val_dataloader()
     items = [val[i] for i in range(len(val))]
     for i, item in enumerate(items):
-        assert set(item) == {"lm", "em", "em_paired"}
+        assert set(item) == {"lm", "em", "em_paired", "counted"} and item["counted"] == 1
         v, (z, y, x) = val.coords(i)["lm"]
         assert v == 0  # pairs with LM volume 0
         np.testing.assert_allclose(item["lm"][0].numpy(), data.lm[z : z + 4, y : y + 16, x : x + 16] / 255.0)
@@ -229,9 +229,34 @@ def test_validation_size_and_spread(data) -> None:
     val = dm.val_dataset
     assert len(val) == max(len(val.lm_coords), len(val.em_coords))
     assert {c[0] for c in val.lm_coords} == {0, 1}
-    assert set(next(iter(dm.val_dataloader()))) == {"lm", "em"}
+    assert set(next(iter(dm.val_dataloader()))) == {"lm", "em", "counted"}
     small = dm_for(data, val_patches=2)
     assert len(small.val_dataset) == 2
+
+
+def test_validation_is_sharded_over_ranks_with_padding_marked_not_counted(data) -> None:
+    dm = dm_for(data, val_patches=3)
+    val = dm.val_dataset
+    assert len(val) == 3
+    seen: list[tuple[torch.Tensor, float]] = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        loader = dm.val_dataloader()
+        assert isinstance(loader.sampler, ValidationSampler)  # a DistributedSampler: Lightning keeps it
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+        batches = list(loader)
+        assert [b["lm"].shape[0] for b in batches] == [2]  # ids (0, 2) and (1, 3): 3 is padding
+        seen += [(lm, float(c)) for b in batches for lm, c in zip(b["lm"], b["counted"], strict=True)]
+    counted = [lm for lm, c in seen if c == 1.0]
+    assert len(counted) == 3 and all(
+        torch.equal(lm, val[i]["lm"]) for i, lm in zip((0, 2, 1), counted, strict=True)
+    )
+    (padding,) = [lm for lm, c in seen if c == 0.0]
+    assert torch.equal(padding, val[0]["lm"])  # id 3: item 0 again, not counted
+    pad = val[3]
+    assert float(pad["counted"]) == 0.0 and torch.equal(pad["em"], val[0]["em"])
+    with pytest.raises(IndexError):
+        val[-1]
 
 
 def test_paired_shape_mismatch(data) -> None:
@@ -331,7 +356,7 @@ def test_lightning_fit_draws_new_ids_each_epoch(data) -> None:
         enable_model_summary=False,
     )
     trainer.fit(model, datamodule=dm)
-    assert model.val_keys == {"lm", "em"}
+    assert model.val_keys == {"lm", "em", "counted"}
     ds = dm.train_dataset
     for epoch in (0, 1):
         got = torch.cat([a for e, a in model.seen if e == epoch])

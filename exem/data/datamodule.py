@@ -29,7 +29,15 @@ from exem.data.datasets import (
     make_augmentation,
 )
 from exem.data.grid import PatchGrid
-from exem.data.sampling import VAL_AXIS_PREFERENCE, Coord, EpochSampler, Region, Split, split_volume
+from exem.data.sampling import (
+    VAL_AXIS_PREFERENCE,
+    Coord,
+    EpochSampler,
+    Region,
+    Split,
+    ValidationSampler,
+    split_volume,
+)
 from exem.data.volume import Volume, VolumeError, open_volumes
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,7 @@ __all__ = [
     "Split",
     "UnpairedPatchDataset",
     "ValidationPatchDataset",
+    "ValidationSampler",
     "make_augmentation",
     "split_volume",
 ]
@@ -322,11 +331,18 @@ class ExEMDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """Fixed held-out patches: ``{"lm", "em"[, "em_paired"]}``, each (B, 1, Z, Y, X) float32 in [0, 1]."""
+        """Fixed held-out patches: ``{"lm", "em"[, "em_paired"]}``, each (B, 1, Z, Y, X) float32 in [0, 1], and
+        ``"counted"`` (B,): 0 for the padding that evens out the ranks under DDP (:class:`ValidationSampler`)."""
         self._require_setup()
         assert self.val_dataset is not None
+        trainer = self.trainer
+        sampler = ValidationSampler(
+            len(self.val_dataset),
+            rank=int(getattr(trainer, "global_rank", 0)),
+            world_size=int(getattr(trainer, "world_size", 1)),
+        )
         return DataLoader(
-            self.val_dataset, shuffle=False, generator=self._loader_generator(), **self._loader_kwargs()
+            self.val_dataset, sampler=sampler, generator=self._loader_generator(), **self._loader_kwargs()
         )
 
     def _loader_generator(self) -> torch.Generator:

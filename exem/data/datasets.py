@@ -198,7 +198,9 @@ class UnpairedPatchDataset(Dataset):
 class ValidationPatchDataset(Dataset):
     """Fixed held-out patches: item ``i`` → LM patch ``i % n_lm``, EM patch ``i % n_em`` (+ ``em_paired`` at LM).
 
-    Returns ``{"lm": float32 (1, Z, Y, X) in [0, 1], "em": same, ["em_paired": same]}``; no augmentation.
+    Returns ``{"lm": float32 (1, Z, Y, X) in [0, 1], "em": same, ["em_paired": same], "counted": float32 ()}``; no
+    augmentation. Ids ``i ≥ len(self)`` are the padding of :class:`~exem.data.sampling.ValidationSampler` under DDP:
+    item ``i mod len(self)`` with ``counted`` 0 (the validation metrics leave it out), else ``counted`` is 1.
     ``lm_coords``/``em_coords`` are lists of (volume index, (z, y, x) start). ``paired`` pairs with LM volume 0.
     """
 
@@ -228,8 +230,10 @@ class ValidationPatchDataset(Dataset):
         return {"lm": self.lm_coords[i % len(self.lm_coords)], "em": self.em_coords[i % len(self.em_coords)]}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < len(self):
+        if i < 0:
             raise IndexError(f"validation item {i} out of range ({len(self)} items)")
+        counted = i < len(self)
+        i %= len(self)
         c = self.coords(i)
         (v_lm, s_lm), (v_em, s_em) = c["lm"], c["em"]
         out = {
@@ -238,4 +242,5 @@ class ValidationPatchDataset(Dataset):
         }
         if self.paired is not None:
             out["em_paired"] = _tensor(self.paired.read_normalized(_slices(s_lm, self.patch)))
+        out["counted"] = torch.tensor(1.0 if counted else 0.0)
         return out

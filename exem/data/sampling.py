@@ -2,7 +2,8 @@
 
 :func:`split_volume` holds out the end of a volume's roomiest axis for validation (:class:`Split` of two
 :class:`Region` boxes); :class:`EpochSampler` hands out the global training sample ids of an epoch, sharded over
-DDP ranks, and can resume part-way through an epoch (see :mod:`exem.data.datamodule`).
+DDP ranks, and can resume part-way through an epoch (see :mod:`exem.data.datamodule`); :class:`ValidationSampler`
+shards the held-out patches so that each counts once.
 """
 
 from __future__ import annotations
@@ -110,6 +111,43 @@ class EpochSampler(DistributedSampler):
             epoch, skip = self.epoch, 0
         self.current_epoch, self.batches_done = epoch, skip
         return iter(self.ids(epoch)[skip * self.batch_size :])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ValidationSampler(DistributedSampler):
+    """The validation ids of this process: every held-out patch once over all ranks, the same count on each.
+
+    Rank r of W takes ids ``r, r + W, …`` below ``⌈n / W⌉ · W``. Ids ``≥ n`` are padding, so that every rank runs
+    the same number of batches (DDP needs that); the dataset serves them as item ``id mod n`` marked not counted
+    (:class:`~exem.data.datasets.ValidationPatchDataset`), and the metrics leave them out. torch's own
+    ``DistributedSampler``, which Lightning would put in its place, pads with repeated patches instead: they
+    counted twice in the validation metrics (and in the metric that selects checkpoints). On a single process the
+    ids are ``0 … n − 1``. Being a ``DistributedSampler``, Lightning does not wrap it again.
+    """
+
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1) -> None:
+        # DistributedSampler.__init__ is not called (see EpochSampler)
+        if n < 1:
+            raise ValueError(f"ValidationSampler needs n ≥ 1, got {n}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ValidationSampler: rank {rank} is not in a world of {world_size} process(es)")
+        self.n = int(n)
+        self.rank = self.global_rank = int(rank)
+        self.num_replicas = self.world_size = int(world_size)
+        self.num_samples = -(-self.n // self.world_size)
+        self.total_size = self.num_samples * self.world_size
+        self.shuffle = False
+        self.drop_last = False
+        self.seed = 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)  # the same patches every epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.world_size))
 
     def __len__(self) -> int:
         return self.num_samples
