@@ -73,19 +73,16 @@ def counted_metrics(
     (0 marks the padding :class:`~exem.data.sampling.ValidationSampler` adds under DDP; absent: all count). A
     batch of padding only gives zeros for 0 patches (it adds nothing to the weighted means).
     """
-    real_lm, real_em, paired = batch["lm"], batch["em"], batch.get("em_paired")
-    tensors = [real_lm, rec_lm, real_em, rec_em, fake_em, paired]
+    tensors = [batch["lm"], rec_lm, batch["em"], rec_em, fake_em, batch.get("em_paired")]
     counted = batch.get("counted")
-    n = real_lm.shape[0]
+    n = total = batch["lm"].shape[0]
     if counted is not None:
         keep = counted > 0
         n = int(keep.sum())
-        if n < real_lm.shape[0]:
+        if 0 < n < total:
             tensors = [None if t is None else t[keep] for t in tensors]
-    if n == 0:
-        whole = cycle_metrics(real_lm, rec_lm, real_em, rec_em, fake_em, paired)
-        return {k: torch.zeros_like(v) for k, v in whole.items()}, 0
-    return cycle_metrics(*tensors), n  # type: ignore[arg-type]
+    metrics = cycle_metrics(*tensors)  # type: ignore[arg-type]
+    return (metrics if n else {k: torch.zeros_like(v) for k, v in metrics.items()}), n
 
 
 class ValidationMeans:

@@ -310,12 +310,10 @@ class ExEMDataModule(L.LightningDataModule):
         """Random unpaired patches: ``{"lm": (B, 1, Z, Y, X), "em": (B, 1, Z, Y, X)}``, float32 in [0, 1]."""
         self._require_setup()
         assert self.train_dataset is not None
-        trainer = self.trainer
         sampler = EpochSampler(
             len(self.train_dataset),
             self._current_epoch,
-            rank=int(getattr(trainer, "global_rank", 0)),
-            world_size=int(getattr(trainer, "world_size", 1)),
+            **self._shard(),
             batch_size=self.batch_size,
         )
         if self._resume_position is not None:
@@ -335,15 +333,21 @@ class ExEMDataModule(L.LightningDataModule):
         ``"counted"`` (B,): 0 for the padding that evens out the ranks under DDP (:class:`ValidationSampler`)."""
         self._require_setup()
         assert self.val_dataset is not None
-        trainer = self.trainer
         sampler = ValidationSampler(
             len(self.val_dataset),
-            rank=int(getattr(trainer, "global_rank", 0)),
-            world_size=int(getattr(trainer, "world_size", 1)),
+            **self._shard(),
         )
         return DataLoader(
             self.val_dataset, sampler=sampler, generator=self._loader_generator(), **self._loader_kwargs()
         )
+
+    def _shard(self) -> dict[str, int]:
+        """``{"rank", "world_size"}`` of this process under the attached trainer (0 and 1 without one)."""
+        trainer = self.trainer
+        return {
+            "rank": int(getattr(trainer, "global_rank", 0)),
+            "world_size": int(getattr(trainer, "world_size", 1)),
+        }
 
     def _loader_generator(self) -> torch.Generator:
         """A private generator for the DataLoader's worker base seed (not the global torch RNG)."""
@@ -381,11 +385,10 @@ class ExEMDataModule(L.LightningDataModule):
         """Continue sampling where a checkpoint left off (next training DataLoader starts there)."""
         if not state:
             return
-        trainer = self.trainer
         now = {
             "samples_per_epoch": self.samples_per_epoch,
             "batch_size": self.batch_size,
-            "world_size": int(getattr(trainer, "world_size", 1)),
+            "world_size": self._shard()["world_size"],
         }
         changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
         if changed:

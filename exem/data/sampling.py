@@ -22,6 +22,23 @@ Coord = tuple[int, int, int]
 VAL_AXIS_PREFERENCE = (1, 2, 0)
 
 
+def _shard(sampler: DistributedSampler, n: int, rank: int, world_size: int, *, drop_last: bool) -> None:
+    """Set ``sampler``'s ``DistributedSampler`` attributes for ``n`` ids over ``world_size`` ranks, unshuffled:
+    ``n // W`` ids per rank when ``drop_last``, else ``⌈n / W⌉`` (the caller pads). ``DistributedSampler.__init__``
+    is not called: it wants a dataset and asks torch.distributed for the world."""
+    name = type(sampler).__name__
+    if n < 1:
+        raise ValueError(f"{name} needs n ≥ 1, got {n}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"{name}: rank {rank} is not in a world of {world_size} process(es)")
+    sampler.n = int(n)  # type: ignore[attr-defined]
+    sampler.rank = sampler.global_rank = int(rank)  # type: ignore[attr-defined]
+    sampler.num_replicas = sampler.world_size = int(world_size)  # type: ignore[attr-defined]
+    sampler.num_samples = n // world_size if drop_last else -(-n // world_size)
+    sampler.total_size = sampler.num_samples * world_size
+    sampler.shuffle, sampler.drop_last, sampler.seed = False, drop_last, 0
+
+
 class EpochSampler(DistributedSampler):
     """Yields this process's global sample ids of epoch ``e``: ``e·n, …, (e+1)·n − 1`` on a single process.
 
@@ -45,27 +62,15 @@ class EpochSampler(DistributedSampler):
         world_size: int = 1,
         batch_size: int = 1,
     ) -> None:
-        # DistributedSampler.__init__ is not called: it wants a dataset and asks torch.distributed for the world.
-        if n < 1:
-            raise ValueError(f"EpochSampler needs n ≥ 1, got {n}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"EpochSampler: rank {rank} is not in a world of {world_size} process(es)")
+        _shard(self, n, rank, world_size, drop_last=True)
         if n < world_size:
             raise ValueError(
                 f"data.samples_per_epoch ({n}) must be at least the number of processes ({world_size})"
             )
         if batch_size < 1:
             raise ValueError(f"EpochSampler needs batch_size ≥ 1, got {batch_size}")
-        self.n = int(n)
         self.epoch_fn = epoch_fn
-        self.rank = self.global_rank = int(rank)
-        self.num_replicas = self.world_size = int(world_size)
         self.batch_size = int(batch_size)
-        self.num_samples = self.n // self.world_size
-        self.total_size = self.num_samples * self.world_size
-        self.shuffle = False
-        self.drop_last = True
-        self.seed = 0
         self._epoch: int | None = None
         self._resume: tuple[int, int] | None = None
         self.current_epoch: int | None = None  # epoch of the running iteration
@@ -128,19 +133,7 @@ class ValidationSampler(DistributedSampler):
     """
 
     def __init__(self, n: int, *, rank: int = 0, world_size: int = 1) -> None:
-        # DistributedSampler.__init__ is not called (see EpochSampler)
-        if n < 1:
-            raise ValueError(f"ValidationSampler needs n ≥ 1, got {n}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"ValidationSampler: rank {rank} is not in a world of {world_size} process(es)")
-        self.n = int(n)
-        self.rank = self.global_rank = int(rank)
-        self.num_replicas = self.world_size = int(world_size)
-        self.num_samples = -(-self.n // self.world_size)
-        self.total_size = self.num_samples * self.world_size
-        self.shuffle = False
-        self.drop_last = False
-        self.seed = 0
+        _shard(self, n, rank, world_size, drop_last=False)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
