@@ -54,18 +54,24 @@ def probe_batch_size(net: nn.Module, patch: Sequence[int], device: torch.device,
     patch is run to measure its peak memory and :func:`batch_for_memory` sizes the batch against the device's
     *total* memory (the same on every rank of identical GPUs and in a resumed run, so outputs do not depend on
     the moment). When other processes hold so much of the device that what this one can still allocate would not
-    hold that batch, it is halved until it does, with a warning."""
+    hold that batch, it is halved until it does, with a warning. The patch runs twice and the second call is
+    measured (the first pays one-off allocations); the device's peak-memory statistics are reset by the probe."""
     if device.type != "cuda":
         return DEFAULT_BATCH_SIZE
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
     x = torch.zeros((1, 1, *patch), device=device)
     enabled = autocast_dtype is not None
-    with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
-        net.forward(x)  # eager even when compiled: the run compiles for its own batch shape only
-    torch.cuda.synchronize(device)
-    per_patch = torch.cuda.max_memory_allocated(device) - before
+    per_patch = 0
+    # twice: the first call also pays one-off allocations (cuDNN's autotuning tries algorithms in workspaces taken
+    # from the same memory pool when `benchmark` is on, cuBLAS/cuDNN handles), which would shrink the batch and
+    # vary from run to run; the second measures what a call needs
+    for _ in range(2):
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+            net.forward(x)  # eager even when compiled: the run compiles for its own batch shape only
+        torch.cuda.synchronize(device)
+        per_patch = torch.cuda.max_memory_allocated(device) - before
     free, total = torch.cuda.mem_get_info(device)
     reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
     batch = batch_for_memory(per_patch, total)

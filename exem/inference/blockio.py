@@ -376,8 +376,9 @@ class BlockWriter(BasePredictionWriter):
         """Queue rows ``[z0, z0 + dz)`` (relative to block ``index``'s start) of the block's output for writing.
 
         ``levels``: the rows of level 0 ``(C, dz, by, bx)`` and, when computed on the device, of the next levels
-        (the writer downsamples the missing ones), on the host (numpy, or CPU tensors); ``ready``: an event to wait
-        for before reading them (non-blocking device → host copies), or None. ``z0`` and the slab's end lie on chunk
+        (the writer downsamples the missing ones), on the host (numpy, or CPU tensors); ``ready``: what to wait for
+        before reading them (a :class:`~exem.inference.blockrun.HostCopies`, after non-blocking device → host
+        copies; its ``wait()`` is called in the writer thread), or None. ``z0`` and the slab's end lie on chunk
         borders in Z (or the block's end), so every chunk is written whole, once. The block's done-markers follow
         only once the predictor has returned the block (``write_on_batch_end``), after all its slabs.
         """
@@ -452,7 +453,7 @@ class BlockWriter(BasePredictionWriter):
         """Hold a chunk row of block ``index``; once the held rows end on a shard border in Z (or at the block's end),
         return them as one row ``(z0, levels, None)``, else None."""
         if ready is not None:
-            ready.synchronize()
+            ready.wait()
         held = self._rows.setdefault(index, [])
         held.append((int(z0), [np.asarray(level) for level in levels]))
         block = self.plan.blocks[index]
@@ -467,7 +468,7 @@ class BlockWriter(BasePredictionWriter):
 
     def _write_slab_item(self, index: int, z0: int, levels: list, ready: Any) -> None:
         if ready is not None:
-            ready.synchronize()
+            ready.wait()
         arrays = [np.asarray(level) for level in levels]
         self.write_slab(index, z0, arrays[0], arrays[1:])
 

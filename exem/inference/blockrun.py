@@ -24,21 +24,38 @@ from exem.inference.pyramid import downsample_rows
 if TYPE_CHECKING:
     from exem.inference.engine import BlockPredictor
 
-__all__ = ["BlockRun", "to_host"]
+__all__ = ["BlockRun", "HostCopies", "to_host"]
 
 
-def to_host(tensors: list[Tensor]) -> tuple[list[Tensor], Any]:
-    """``tensors`` on the host: themselves on the CPU; on a GPU non-blocking copies into pinned memory and the event
-    that marks their end (the writer thread waits for it, the device goes on computing)."""
+class HostCopies:
+    """The end of non-blocking device→host copies, for another thread to wait for (:meth:`wait`).
+
+    The event is a blocking-sync one: a waiting writer thread sleeps instead of spinning a core. :meth:`wait` makes
+    the event's device current in the calling thread first: a thread's first CUDA call otherwise runs on device 0,
+    which would give every DDP rank's writer threads a CUDA context (memory) on GPU 0.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.event = torch.cuda.Event(blocking=True)
+        self.event.record(torch.cuda.current_stream(device))
+
+    def wait(self) -> None:
+        """Block until the copies are done."""
+        with torch.cuda.device(self.device):
+            self.event.synchronize()
+
+
+def to_host(tensors: list[Tensor]) -> tuple[list[Tensor], HostCopies | None]:
+    """``tensors`` on the host: themselves on the CPU; on a GPU non-blocking copies into pinned memory and a
+    :class:`HostCopies` that marks their end (the writer thread waits for it, the device goes on computing)."""
     if tensors[0].device.type != "cuda":
         return tensors, None
     hosts = []
     for t in tensors:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         hosts.append(host.copy_(t, non_blocking=True))
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(tensors[0].device))
-    return hosts, ready
+    return hosts, HostCopies(tensors[0].device)
 
 
 def non_finite_error(predictor: BlockPredictor, block: Block) -> ValueError:
@@ -69,8 +86,8 @@ class BlockRun:
         sink: called with ``(block index, z0, levels, ready)`` for each chunk row of the output (Z rows
             ``[z0, z0 + chunk_z)`` relative to the block, the last one shorter) as soon as it is final: ``levels``
             holds the rows ``(C, dz, by, bx)`` and, with ``predictor.levels_on_device``, their pyramid levels, on the
-            host (views on the CPU; pinned copies on a GPU, with ``ready`` the CUDA event to wait for before reading
-            them; else None).
+            host (views on the CPU; pinned copies on a GPU, with ``ready`` the :class:`HostCopies` to wait for before
+            reading them; else None).
 
     Feed the context's Z parts in order with :meth:`feed`, then call :meth:`finish`.
     """
