@@ -350,11 +350,16 @@ class ExEMModule(L.LightningModule):
 
         Raises:
             CalibrationError: data the groups cannot be fitted to (one line).
+            OtherRankError: under DDP, on the other ranks when rank 0 failed otherwise (it raises its own error).
         """
         trainer = self._trainer
         strategy = trainer.strategy if trainer is not None else None
+        from exem.inference.ranks import error_line, peer_error  # zarr and the output's markers: only here
+
+        world = int(trainer.world_size) if trainer is not None and strategy is not None else 1
         fit: ContentGroups | None = None
         error: str | None = None
+        failed: Exception | None = None  # rank 0's error other than CalibrationError (told, then re-raised)
         if trainer is None or trainer.is_global_zero:
             try:
                 result = fit_from_datamodule(datamodule, self.content_settings)
@@ -363,8 +368,16 @@ class ExEMModule(L.LightningModule):
                     write_content_groups(self.report_dir, fit, *result.pictures())
             except CalibrationError as exc:
                 error = str(exc)
-        if strategy is not None and trainer is not None and trainer.world_size > 1:
-            fit, error = strategy.broadcast((fit, error), src=0)
+            except Exception as exc:
+                if world <= 1:
+                    raise
+                failed, error = exc, error_line(exc)  # the others must not wait for a broadcast that never comes
+        if world > 1:
+            fit, error, other = strategy.broadcast((fit, error, failed is not None), src=0)
+            if failed is not None:
+                raise failed
+            if other:
+                raise peer_error({0: error or ""}, world, "while fitting the content groups")
         if error is not None or fit is None:
             raise CalibrationError(error or "content groups: no fit")
         self.use_content_groups(fit)

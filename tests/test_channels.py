@@ -337,3 +337,33 @@ def test_ranks_share_the_copy_of_the_other_channels(tmp_path: Path, two_channels
     for level in ("0", "1"):
         assert np.array_equal(got[level][:], want[level][:]), level
     assert np.array_equal(got["0"][1], two_channels[ANTIBODY])
+
+
+def test_a_complete_ddp_translation_copies_every_block_of_the_other_channels(
+    tmp_path: Path, two_channels: np.ndarray
+) -> None:
+    """A rerun under DDP that finds the virtual EM complete starts no ranks (no prediction): this process alone then
+    copies the other channels whole (it used to copy every world_size-th block and record them all written)."""
+    import lightning as L
+
+    from exem.inference.output import read_record, update_record
+    from exem.inference.translate import translate_volume
+
+    path = _ome(tmp_path / "sample.ome.zarr", two_channels, ["nhs_ester", "antibody"])
+    kw = {
+        "channel": "nhs_ester", "patch": (4, 16, 16), "chunks": (2, 16, 16), "block_shape": (2, 32, 32),
+        "intensity_range": (0, 4000), "progress": False, "num_workers": 0,
+    }  # fmt: skip
+    out = tmp_path / "multi.ome.zarr"
+    net = _generator()
+    translate_volume(net, path, out, **kw)
+    zarr.open_group(str(out), mode="r+")["0"][1] = 0  # killed after the virtual EM, before the antibody
+    update_record(out, channels_written=False)
+    trainer = L.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    assert trainer.world_size == 2 and not torch.distributed.is_initialized()
+    again = translate_volume(net, path, out, trainer=trainer, complete_ok=True, **kw)
+    assert again.blocks_done == 0 and read_record(out)["channels_written"] is True
+    assert np.array_equal(zarr.open_group(str(out), mode="r")["0"][1], two_channels[ANTIBODY])

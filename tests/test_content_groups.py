@@ -355,3 +355,53 @@ def test_exem_calibrate_console_script(pan_protein_stores, tmp_path: Path) -> No
     assert "domain  group" in proc.stdout and "auto: false" in proc.stdout
     assert (tmp_path / "calib" / "content_groups.png").is_file()
     assert json.loads((tmp_path / "calib" / "content_groups.json").read_text())["em_to_lm"] == [1, 0, 0]
+
+
+class _RankStrategy:
+    """A DDP strategy's broadcast as rank ``r`` sees it: rank 0 gets its own object back, another rank rank 0's."""
+
+    def __init__(self, from_rank0: object = None) -> None:
+        self.from_rank0 = from_rank0
+        self.sent: list[object] = []
+
+    def broadcast(self, obj: object, src: int = 0) -> object:
+        self.sent.append(obj)
+        return obj if self.from_rank0 is None else self.from_rank0
+
+
+def _rank_trainer(rank: int, strategy: _RankStrategy) -> _FakeTrainer:
+    trainer = _FakeTrainer(None)  # type: ignore[arg-type]
+    trainer.is_global_zero, trainer.world_size, trainer.strategy = rank == 0, 2, strategy
+    return trainer
+
+
+def test_rank_0_failing_to_fit_the_groups_tells_the_other_ranks(monkeypatch, tmp_path: Path) -> None:
+    """Under DDP a rank-0 error other than CalibrationError (here the report's disk) still reaches the broadcast
+    the other ranks wait in: rank 0 raises its own error, the others one line naming it (they used to wait there
+    until the process group's timeout)."""
+    import exem.module
+    from exem.errors import OtherRankError
+
+    def disk_full(datamodule, settings):  # noqa: ANN001, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exem.module, "fit_from_datamodule", disk_full)
+    module = _module({"auto": True}, tmp_path)
+    strategy = _RankStrategy()
+    module._trainer = _rank_trainer(0, strategy)  # type: ignore[assignment]
+    with pytest.raises(OSError, match="No space left"):
+        module.fit_content_groups(None)
+    ((fit, line, failed),) = strategy.sent
+    assert fit is None and failed is True and "No space left on device" in line
+
+    other = _module({"auto": True}, tmp_path)
+    other._trainer = _rank_trainer(1, _RankStrategy(from_rank0=(fit, line, failed)))  # type: ignore[assignment]
+    with pytest.raises(
+        OtherRankError, match="rank 0 of 2 failed while fitting the content groups: .*No space"
+    ):
+        other.fit_content_groups(None)
+    # a CalibrationError stays what every rank raises
+    calib = _module({"auto": True}, tmp_path)
+    calib._trainer = _rank_trainer(1, _RankStrategy(from_rank0=(None, "too few voxels", False)))  # type: ignore[assignment]
+    with pytest.raises(CalibrationError, match="too few voxels"):
+        calib.fit_content_groups(None)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
 from exem.data.channels import VIRTUAL_EM_CHANNEL
@@ -89,7 +90,8 @@ def copy_companions(
 
     Rank 0 reads the record and tells the others; rank ``r`` of ``n`` copies every n-th block (each block's chunks
     are its own: one chunk per channel); when all are done, rank 0 records ``channels_written``. A rank that fails
-    stops the others (:func:`~exem.inference.ranks.together`).
+    stops the others (:func:`~exem.inference.ranks.together`). Without a process group (the translation found its
+    output complete, so Lightning started no ranks) rank 0 copies every block and the other ranks none.
 
     Args:
         trainer: the translation's Lightning Trainer; None: this process alone.
@@ -101,6 +103,12 @@ def copy_companions(
     """
     rank = int(getattr(trainer, "global_rank", 0))
     world = int(getattr(trainer, "world_size", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        # no ranks were started (a complete output: no prediction ran), so no other rank copies a share: rank 0
+        # copies them all (a rank started by a launcher such as srun leaves it to rank 0)
+        if rank:
+            return False
+        trainer, world = None, 1
     todo = not (read_record(output) or {}).get("channels_written") if rank == 0 else None
     if world > 1:
         todo = trainer.strategy.broadcast(todo, src=0)

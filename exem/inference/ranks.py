@@ -29,7 +29,7 @@ import torch
 from exem.errors import OtherRankError, exception_line, user_error, user_error_line
 from exem.inference.markers import failures, write_failure
 
-__all__ = ["raise_if_peers_failed", "together"]
+__all__ = ["error_line", "peer_error", "raise_if_peers_failed", "together"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ FLAG_CHARS = 400
 OK, PASSED_ON, FAILED = 0.0, 1.0, 2.0
 
 
-def _error_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
     """What the failed rank's flag says: the one line the command-line tools would print (else type: message),
     at most :data:`FLAG_CHARS` characters."""
     found = user_error(err)
@@ -47,7 +47,8 @@ def _error_line(err: BaseException) -> str:
     return line if len(line) <= FLAG_CHARS else line[:FLAG_CHARS] + "…"
 
 
-def _peer_error(lines: dict[int, str], world: int, where: str) -> OtherRankError:
+def peer_error(lines: dict[int, str], world: int, where: str) -> OtherRankError:
+    """What a rank raises when ``lines`` (rank → its error line; "" when unknown) failed ``where``."""
     ranks = sorted(lines)
     said = f": {lines[ranks[0]]}" if lines[ranks[0]] else " (its own output says why)"
     who = "rank" if len(ranks) == 1 else "ranks"
@@ -64,7 +65,7 @@ def raise_if_peers_failed(root: str | Path, rank: int, world: int) -> None:
     """
     flagged = {r: line for r, line in failures(root).items() if r != rank}
     if flagged:
-        raise _peer_error(flagged, world, "while computing its blocks")
+        raise peer_error(flagged, world, "while computing its blocks")
 
 
 @contextlib.contextmanager
@@ -94,7 +95,7 @@ def together(trainer: Any, where: str, root: str | Path | None = None) -> Iterat
         # only into an existing output: a flag must not leave a folder where rank 0 failed to create the output
         if root is not None and not isinstance(exc, OtherRankError) and Path(root).is_dir():
             try:
-                write_failure(root, int(trainer.global_rank), _error_line(exc))
+                write_failure(root, int(trainer.global_rank), error_line(exc))
             except OSError as flag_error:  # a rank that cannot write to the output cannot flag it either
                 log.debug(
                     "rank %d could not flag its failure in %s: %s", trainer.global_rank, root, flag_error
@@ -114,7 +115,7 @@ def together(trainer: Any, where: str, root: str | Path | None = None) -> Iterat
             raise error from None
         flagged = failures(root) if root is not None else {}
         if flagged:
-            raise _peer_error(flagged, world, where) from lost
+            raise peer_error(flagged, world, where) from lost
         raise OtherRankError(
             f"a rank of {world} left {where} without saying why (killed?): {exception_line(lost, limit=200)}"
         ) from lost
@@ -125,4 +126,4 @@ def together(trainer: Any, where: str, root: str | Path | None = None) -> Iterat
     ]
     if failed:
         lines = failures(root) if root is not None else {}
-        raise _peer_error({r: lines.get(r, "") for r in failed}, world, where)
+        raise peer_error({r: lines.get(r, "") for r in failed}, world, where)
