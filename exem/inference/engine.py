@@ -18,7 +18,8 @@ How it works
 - Many devices / nodes: ``Trainer.predict`` under DDP. :class:`~exem.inference.blockio.BlockDataModule` prepares
   the output on global rank 0 once the process group exists, every rank then reads the markers (before any rank
   writes) and takes every ``world_size``-th remaining block. The per-block computation does not depend on the
-  rank, so a DDP run is bit-identical to a single-process run.
+  rank, so a DDP run on CPUs is bit-identical to a single-process run (on GPUs only with ``cudnn.benchmark`` off:
+  in benchmark mode each process picks its own convolution algorithms).
 """
 
 from __future__ import annotations
