@@ -4,6 +4,7 @@ frozen discriminators in the generator step, no host syncs in the step, Lightnin
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,43 @@ def test_a_backward_compile_failure_also_falls_back_to_eager(caplog) -> None:
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1
     assert net._compiled_call_impl is None
+
+
+class _Affine(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+
+def test_a_compiled_network_keeps_compiling_past_dynamos_default_recompile_limit(caplog) -> None:
+    """Input dtypes, grad modes and requires_grad give a network many compiled variants (a bf16 CycleGAN step needs
+    ~7); past Dynamo's default limit of 8 it ran eagerly for good. 16 variants here all compile."""
+    from exem.perf import RECOMPILE_LIMIT, compile_or_eager
+
+    graphs = []
+
+    def counting(gm, example_inputs):  # noqa: ANN001, ANN202
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        net = _Affine()
+        compile_or_eager(net, backend=counting)
+        variants = list(
+            itertools.product(
+                (torch.float32, torch.float64, torch.bfloat16, torch.float16), (False, True), (False, True)
+            )
+        )
+        with caplog.at_level("WARNING"):
+            for dtype, requires_grad, grad_mode in variants:
+                x = torch.ones(2, 3, dtype=dtype, requires_grad=requires_grad)
+                with torch.set_grad_enabled(grad_mode):
+                    assert torch.equal(net(x).detach(), torch.full((2, 3), 3.0, dtype=dtype))
+        assert len(graphs) == len(variants) == 16 <= RECOMPILE_LIMIT
+        assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+        assert torch._dynamo.config.recompile_limit == 8  # the process-wide setting is left alone
+    finally:
+        torch._dynamo.reset()
 
 
 def test_compile_is_on_by_default_on_cuda_only() -> None:
