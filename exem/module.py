@@ -371,7 +371,8 @@ class ExEMModule(L.LightningModule):
             except Exception as exc:
                 if world <= 1:
                     raise
-                failed, error = exc, error_line(exc)  # the others must not wait for a broadcast that never comes
+                # told to the others below: they must not wait for a broadcast that never comes
+                failed, error = exc, error_line(exc)
         if world > 1:
             fit, error, other = strategy.broadcast((fit, error, failed is not None), src=0)
             if failed is not None:
