@@ -352,10 +352,10 @@ class ExEMModule(L.LightningModule):
             CalibrationError: data the groups cannot be fitted to (one line).
             OtherRankError: under DDP, on the other ranks when rank 0 failed otherwise (it raises its own error).
         """
-        trainer = self._trainer
-        strategy = trainer.strategy if trainer is not None else None
         from exem.inference.ranks import error_line, peer_error  # zarr and the output's markers: only here
 
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
         world = int(trainer.world_size) if trainer is not None and strategy is not None else 1
         fit: ContentGroups | None = None
         error: str | None = None

@@ -19,9 +19,8 @@ log = logging.getLogger(__name__)
 
 AUTO = "auto"
 # Compiled variants Dynamo keeps per network code before it runs that code eagerly for good (its default is 8). A
-# CycleGAN training step under bf16 needs ~7: a generator sees float32 and bfloat16 inputs, with and without grad, and
-# a smaller last validation batch; a discriminator frozen and trainable. Measured on the CPU with
-# `TORCH_LOGS=recompiles`: 6 for the generator, 3 for the discriminator.
+# bf16 CycleGAN training step gave 6 for the generator (float32 and bfloat16 inputs, with and without grad, a smaller
+# last validation batch) and 3 for the discriminator (frozen and trainable): `TORCH_LOGS=recompiles`, on the CPU.
 RECOMPILE_LIMIT = 32
 
 

@@ -17,6 +17,7 @@ import zarr
 from torch import nn
 
 from exem.data.ome import create_ome_zarr
+from exem.data.volume import open_volume
 from exem.inference import blockrun
 from exem.inference.batching import batch_for_memory, probe_batch_size
 from exem.inference.engine import run_blockwise
@@ -155,8 +156,6 @@ def _run(tmp_path, name: str, shards=None, **kwargs) -> tuple[np.ndarray, np.nda
     src = tmp_path / "in.zarr"
     if not src.exists():
         zarr.create_array(str(src), shape=volume.shape, chunks=(8, 16, 16), dtype="uint8")[...] = volume
-    from exem.data.volume import open_volume
-
     vol = open_volume(src)
     plan = plan_blocks(vol.shape, (8, 32, 32), (4, 16, 16), chunks=(4, 16, 16), levels=2, shards=shards)
     out = tmp_path / name
