@@ -31,6 +31,7 @@ from exem.content_groups import (
     write_content_groups,
 )
 from exem.ddp import GradientTraffic, kept_per_rank, register_trainable_allreduce
+from exem.gloo_exit import destroy_gloo_at_exit
 from exem.losses import (
     IntensityGroupContentLoss,
     LossWeights,
@@ -390,7 +391,9 @@ class ExEMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Remember the LM voxel size and normalisation the generator is trained with, for translation later;
         fit the content groups (``loss.content.auto``) unless a checkpoint brought a fit; under DDP, all-reduce
-        only the gradients of the networks each step trains (:mod:`exem.ddp`)."""
+        only the gradients of the networks each step trains (:mod:`exem.ddp`), and destroy a gloo process group
+        before the interpreter exits (:mod:`exem.gloo_exit`)."""
+        destroy_gloo_at_exit()
         if self._trainer is not None:
             self.gradient_traffic = register_trainable_allreduce(
                 getattr(self._trainer.strategy, "model", None)

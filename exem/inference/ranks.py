@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from exem.errors import OtherRankError, exception_line, user_error, user_error_line
+from exem.gloo_exit import destroy_gloo_at_exit
 from exem.inference.markers import failures, write_failure
 
 __all__ = ["error_line", "peer_error", "raise_if_peers_failed", "together"]
@@ -102,6 +103,7 @@ def together(trainer: Any, where: str, root: str | Path | None = None) -> Iterat
                 )
     if world <= 1:
         return
+    destroy_gloo_at_exit()  # a rank exiting right after this collective must not abort (exem.gloo_exit)
     rank = int(trainer.global_rank)
     said = torch.zeros(world, dtype=torch.float32, device=trainer.strategy.root_device)
     said[rank] = OK if error is None else PASSED_ON if isinstance(error, OtherRankError) else FAILED
