@@ -58,17 +58,12 @@ def write_input(path: Path, shape: tuple[int, int, int]) -> None:
 
 def end_to_end(src: Path, out: Path, args: argparse.Namespace, device: torch.device) -> float:
     """Seconds of one translate_volume call (the output removed first)."""
-    import lightning as L
+    from exem.inference.engine import default_trainer
 
     shutil.rmtree(out, ignore_errors=True)
     release_memory(device)
-    trainer = L.Trainer(
+    trainer = default_trainer(  # exem's inference Trainer (quiet: no Lightning tips per run)
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
     )
     t0 = time.perf_counter()
