@@ -134,16 +134,10 @@ class ValidationSampler(DistributedSampler):
 
     def __init__(self, n: int, *, rank: int = 0, world_size: int = 1) -> None:
         _shard(self, n, rank, world_size, drop_last=False)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)  # the same patches every epoch
+        self.epoch = 0  # DistributedSampler's set_epoch and len serve as they are; the epoch changes no id
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.total_size, self.world_size))
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 @dataclass(frozen=True)
